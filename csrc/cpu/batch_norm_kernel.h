@@ -1,0 +1,72 @@
+#pragma once
+// CPU BatchNorm(+activation) kernels over a canonical channel view.
+//
+// Every input is seen as a contiguous [outer, C, inner] array:
+//   NCHW-contiguous (N, C, *S):  outer = N,        inner = prod(S)
+//   channels_last / (N, C):      outer = N*prod(S), inner = 1
+// inner > 1 is processed channel by channel (a channel's slab stays in cache
+// between the statistics and the normalization); inner == 1 is processed in
+// chunks of rows with per-chunk partial results merged per channel.
+//
+// Per-channel tensors (mean, invstd, weight, bias, sums) are contiguous and of
+// the accumulation dtype (see batch_norm_common.h).
+#include <ATen/core/Tensor.h>
+
+#include "fused_bn/activation.h"
+
+namespace fused_bn::cpu {
+
+struct ChannelView {
+  int64_t outer;
+  int64_t channels;
+  int64_t inner;
+
+  int64_t count() const { return outer * inner; }
+};
+
+// The view of `input`, and the tensor it describes: `input` made contiguous
+// in output_memory_format(input) (a copy only for non-dense input).
+ChannelView make_channel_view(const at::Tensor& input, at::Tensor& contiguous_input);
+
+// mean and m2 (sum of squared deviations) of each channel.
+void batch_norm_stats_kernel(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
+                             at::Tensor& m2);
+
+// Training forward: batch statistics, then output = act(x * scale + shift).
+void batch_norm_act_train_kernel(const at::Tensor& input, const ChannelView& view,
+                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
+                                 Activation act, at::Tensor& output, at::Tensor& mean,
+                                 at::Tensor& invstd);
+
+// output = act((x - mean) * invstd * weight + bias).
+void batch_norm_act_elemt_kernel(const at::Tensor& input, const ChannelView& view,
+                                 const at::Tensor& mean, const at::Tensor& invstd,
+                                 const at::Tensor& weight, const at::Tensor& bias, Activation act,
+                                 at::Tensor& output);
+
+// Per-channel sums of g and g * (x - mean), g = grad_output masked by act'.
+void batch_norm_act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                                           const ChannelView& view, const at::Tensor& mean,
+                                           const at::Tensor& invstd, const at::Tensor& weight,
+                                           const at::Tensor& bias, Activation act,
+                                           at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
+
+// grad_input = g * a + x * b + c (see batch_norm_math.h). With training =
+// false, mean_dy/mean_dy_xmu are ignored (eval-mode gradient).
+void batch_norm_act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                                          const ChannelView& view, const at::Tensor& mean,
+                                          const at::Tensor& invstd, const at::Tensor& weight,
+                                          const at::Tensor& bias, const at::Tensor& mean_dy,
+                                          const at::Tensor& mean_dy_xmu, bool training,
+                                          Activation act, at::Tensor& grad_input);
+
+// Fused backward: the sums, then grad_input, per channel while its slab is in
+// cache where the layout allows.
+void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                                    const ChannelView& view, const at::Tensor& mean,
+                                    const at::Tensor& invstd, const at::Tensor& weight,
+                                    const at::Tensor& bias, bool training, Activation act,
+                                    at::Tensor& grad_input, at::Tensor& sum_dy,
+                                    at::Tensor& sum_dy_xmu);
+
+}  // namespace fused_bn::cpu

@@ -1,0 +1,53 @@
+#pragma once
+// Welford running statistics and Chan's parallel merge. Both backends build
+// per-channel statistics from partial results with these, so that large
+// offsets (x = 1e4 + noise) do not cancel catastrophically as sum/sum-of-
+// squares formulas would.
+#include "fused_bn/macros.h"
+
+namespace fused_bn {
+
+template <typename acc_t>
+struct Welford {
+  acc_t mean = 0;
+  acc_t m2 = 0;  // sum of squared deviations from mean
+  acc_t count = 0;
+
+  FUSED_BN_HOST_DEVICE void add(acc_t x) {
+    count += 1;
+    const acc_t delta = x - mean;
+    mean += delta / count;
+    m2 += delta * (x - mean);
+  }
+
+  FUSED_BN_HOST_DEVICE void merge(const Welford& other) {
+    if (other.count == 0) return;
+    if (count == 0) {
+      *this = other;
+      return;
+    }
+    const acc_t total = count + other.count;
+    const acc_t delta = other.mean - mean;
+    const acc_t other_share = other.count / total;
+    mean += delta * other_share;
+    m2 += other.m2 + delta * delta * count * other_share;
+    count = total;
+  }
+
+  // Merges a block summarized by its exact sum and centered M2 (a cheap
+  // two-pass result over a cache-resident chunk).
+  FUSED_BN_HOST_DEVICE void merge_block(acc_t block_count, acc_t block_mean,
+                                        acc_t block_m2) {
+    Welford block;
+    block.count = block_count;
+    block.mean = block_mean;
+    block.m2 = block_m2;
+    merge(block);
+  }
+
+  FUSED_BN_HOST_DEVICE acc_t biased_var() const {
+    return count > 0 ? m2 / count : acc_t(0);
+  }
+};
+
+}  // namespace fused_bn

@@ -1,0 +1,34 @@
+// The Python extension module fused_bn._C. Importing it registers the ops
+// (ops.cpp and the backend files); it also reports how it was built.
+#include <torch/extension.h>
+
+#ifndef FUSED_BN_VERSION
+#define FUSED_BN_VERSION "unknown"
+#endif
+#ifndef FUSED_BN_CUDA_ARCHS
+#define FUSED_BN_CUDA_ARCHS ""
+#endif
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["version"] = FUSED_BN_VERSION;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef FUSED_BN_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cuda_archs"] = std::string(FUSED_BN_CUDA_ARCHS);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fused_bn native extension: registers the torch.ops.fused_bn operators";
+  m.def("build_info", &build_info,
+        "Version, the torch it was built against, whether CUDA kernels were compiled and for "
+        "which architectures.");
+}

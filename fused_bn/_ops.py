@@ -1,0 +1,124 @@
+"""Loads the native extension and registers, for each fused_bn operator, its
+fake (meta) kernel for torch.compile/torch.export and its autograd formula.
+
+The operator schemas live in csrc/ops.cpp; the kernels in csrc/cpu and csrc/cuda.
+"""
+
+import torch
+
+from . import _C  # noqa: F401  (importing registers torch.ops.fused_bn.*)
+
+ops = torch.ops.fused_bn
+
+ACTIVATIONS = ("identity", "relu")
+
+
+def build_info():
+    """How the extension was built: version, torch version, CUDA compiled or not, CUDA archs."""
+    return _C.build_info()
+
+
+def accumulate_dtype(dtype):
+    """Dtype of per-channel statistics: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def output_memory_format(input):
+    """Mirror of output_memory_format() in csrc/batch_norm_common.cpp."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _like_input(input):
+    return torch.empty(
+        input.shape,
+        dtype=input.dtype,
+        device=input.device,
+        memory_format=output_memory_format(input),
+    )
+
+
+def _channel_stat(input):
+    return input.new_empty((input.shape[1],), dtype=accumulate_dtype(input.dtype))
+
+
+# ---- fake kernels -----------------------------------------------------------
+
+
+@torch.library.register_fake("fused_bn::batch_norm_act")
+def _(input, weight, bias, running_mean, running_var, training, eps, activation):
+    return _like_input(input), _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_act_backward")
+def _(grad_output, input, weight, bias, mean, invstd, training, activation):
+    def param_grad(param):
+        stat = _channel_stat(input)
+        return stat if param is None else stat.to(param.dtype)
+
+    return _like_input(input), param_grad(weight), param_grad(bias)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_stats")
+def _(input):
+    return _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_act_elemt")
+def _(input, weight, bias, mean, invstd, activation):
+    return _like_input(input)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_act_backward_reduce")
+def _(grad_output, input, weight, bias, mean, invstd, activation):
+    return _channel_stat(input), _channel_stat(input)
+
+
+@torch.library.register_fake("fused_bn::batch_norm_act_backward_elemt")
+def _(grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, activation):
+    return _like_input(input)
+
+
+# ---- autograd -----------------------------------------------------------------
+# Saved for backward: the input and the per-channel statistics (plus the
+# parameters, which are alive anyway). The activation mask is recomputed from
+# them, so the output is not kept.
+
+
+def _batch_norm_act_setup_context(ctx, inputs, output):
+    input, weight, bias, _running_mean, _running_var, training, _eps, activation = inputs
+    _out, mean, invstd = output
+    ctx.save_for_backward(input, weight, bias, mean, invstd)
+    ctx.training = training
+    ctx.activation = activation
+    ctx.mark_non_differentiable(mean, invstd)
+
+
+def _batch_norm_act_backward(ctx, grad_output, _grad_mean, _grad_invstd):
+    input, weight, bias, mean, invstd = ctx.saved_tensors
+    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(
+        grad_output, input, weight, bias, mean, invstd, ctx.training, ctx.activation
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_input if needs[0] else None,
+        grad_weight if needs[1] else None,
+        grad_bias if needs[2] else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "fused_bn::batch_norm_act",
+    _batch_norm_act_backward,
+    setup_context=_batch_norm_act_setup_context,
+)

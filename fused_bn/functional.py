@@ -1,0 +1,89 @@
+"""Functional API, mirroring ``torch.nn.functional``.
+
+``batch_norm(..., activation="relu")`` equals ``F.relu(F.batch_norm(...))``
+but runs as one fused kernel per pass and keeps only the input and O(C)
+statistics for backward.
+"""
+
+import math
+
+import torch
+
+from ._ops import ACTIVATIONS, ops
+
+__all__ = ["batch_norm", "batch_norm_relu"]
+
+
+def _verify_batch_size(size):
+    # torch.nn.functional's check and message.
+    values_per_channel = size[0] * math.prod(size[2:])
+    if values_per_channel == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
+        )
+
+
+def _batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight,
+    bias,
+    training,
+    momentum,
+    eps,
+    activation,
+    num_batches_tracked=None,
+):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if training:
+        _verify_batch_size(input.size())
+    elif running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    # The functional op raises on bad input before anything is written; the
+    # running statistics are updated only after it has succeeded.
+    output, mean, invstd = ops.batch_norm_act(
+        input, weight, bias, running_mean, running_var, training, eps, activation
+    )
+    if training and running_mean is not None and running_var is not None:
+        count = input.numel() // input.size(1) if input.size(1) else 0
+        ops.update_running_stats_(
+            running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count
+        )
+    return output
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    activation="identity",
+):
+    """``torch.nn.functional.batch_norm`` followed by ``activation`` ("identity" or "relu").
+
+    In training, normalizes with the batch statistics and, when ``running_mean`` and
+    ``running_var`` are given, updates them in place with ``momentum`` (the unbiased
+    batch variance, as PyTorch). Otherwise normalizes with the running statistics.
+    Accepts (N, C), (N, C, L) and (N, C, *spatial) inputs in float64, float32, float16
+    and bfloat16 (float32 statistics for the last two), contiguous or channels_last.
+    """
+    if momentum is None:
+        raise ValueError("momentum=None (cumulative average) needs a module's num_batches_tracked")
+    return _batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation
+    )
+
+
+def batch_norm_relu(
+    input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5
+):
+    """``relu(batch_norm(...))`` as one fused op; see :func:`batch_norm`."""
+    return batch_norm(
+        input, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu"
+    )

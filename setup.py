@@ -1,0 +1,104 @@
+"""Builds the fused_bn._C extension against the installed torch.
+
+    pip install --no-build-isolation -e .
+
+Environment:
+    FUSED_BN_CUDA=1/0      force / skip the CUDA kernels (default: build them when
+                           nvcc is found and the installed torch is a CUDA build)
+    TORCH_CUDA_ARCH_LIST   CUDA architectures (default: DEFAULT_CUDA_ARCHS below)
+    MAX_JOBS               parallel compile jobs (ninja)
+"""
+
+import glob
+import os
+import re
+import sys
+
+from setuptools import setup
+
+import torch
+from torch.utils import cpp_extension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# CUDA 13 dropped Volta (sm_70); Turing to Hopper natively, plus PTX for newer GPUs.
+DEFAULT_CUDA_ARCHS = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def read_version():
+    with open(os.path.join(ROOT, "fused_bn", "version.py")) as f:
+        return re.search(r'__version__ = "([^"]+)"', f.read()).group(1)
+
+
+def relative_sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def want_cuda():
+    requested = os.environ.get("FUSED_BN_CUDA", "").strip()
+    available = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if requested == "0":
+        return False, "FUSED_BN_CUDA=0"
+    if requested == "1":
+        if not available:
+            sys.exit(
+                "fused_bn: FUSED_BN_CUDA=1 but CUDA cannot be built: "
+                f"CUDA_HOME={cpp_extension.CUDA_HOME}, torch.version.cuda={torch.version.cuda}"
+            )
+        return True, "FUSED_BN_CUDA=1"
+    if available:
+        return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch built with CUDA {torch.version.cuda}"
+    if torch.version.cuda is None:
+        return False, "the installed torch is a CPU build"
+    return False, "nvcc not found (set CUDA_HOME)"
+
+
+def pip_cuda_include_dirs():
+    """CUDA headers shipped by the nvidia-* wheels that CUDA builds of torch depend on.
+
+    A bare toolkit may lack headers (cuBLAS, cuSPARSE, ...) that torch's own headers include.
+    """
+    dirs = []
+    for entry in sys.path:
+        dirs += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+        dirs += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return sorted(set(d for d in dirs if os.path.isdir(d)))
+
+
+def extension():
+    with_cuda, reason = want_cuda()
+    version = read_version()
+    sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    define_macros = [("FUSED_BN_VERSION", f'"{version}"')]
+    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
+    extra = {"cxx": cxx_flags}
+    builder = cpp_extension.CppExtension
+    archs = ""
+    if with_cuda:
+        archs = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        sources += relative_sources("csrc/cuda/*.cu")
+        define_macros += [("FUSED_BN_WITH_CUDA", None)]
+        include_dirs += pip_cuda_include_dirs()
+        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        builder = cpp_extension.CUDAExtension
+    define_macros.append(("FUSED_BN_CUDA_ARCHS", f'"{archs}"'))
+    print(
+        f"fused_bn {version}: building "
+        + (f"CPU + CUDA kernels (archs {archs}; {reason})" if with_cuda else f"CPU kernels only ({reason})"),
+        flush=True,
+    )
+    return builder(
+        name="fused_bn._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+
+
+setup(
+    version=read_version(),
+    packages=["fused_bn"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": cpp_extension.BuildExtension},
+)
