@@ -69,7 +69,7 @@ def extension():
     version = read_version()
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
     define_macros = [("FUSED_BN_VERSION", f'"{version}"')]
-    cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     extra = {"cxx": cxx_flags}
     builder = cpp_extension.CppExtension
@@ -79,7 +79,7 @@ def extension():
         sources += relative_sources("csrc/cuda/*.cu")
         define_macros += [("FUSED_BN_WITH_CUDA", None)]
         include_dirs += pip_cuda_include_dirs()
-        extra["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         builder = cpp_extension.CUDAExtension
     define_macros.append(("FUSED_BN_CUDA_ARCHS", f'"{archs}"'))
     print(

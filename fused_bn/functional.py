@@ -23,6 +23,16 @@ def _verify_batch_size(size):
         )
 
 
+def _check_devices(input, *per_channel):
+    # The kernels check this too; checking here also covers meta/fake tensors.
+    for t in per_channel:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {t.device}!"
+            )
+
+
 def _batch_norm(
     input,
     running_mean,
@@ -37,6 +47,7 @@ def _batch_norm(
 ):
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    _check_devices(input, weight, bias, running_mean, running_var)
     if training:
         _verify_batch_size(input.size())
     elif running_mean is None or running_var is None:

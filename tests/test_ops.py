@@ -1,0 +1,202 @@
+"""Operator-level checks: opcheck, gradcheck, torch.compile and saved memory."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fused_bn
+from conftest import layout_input
+
+ops = torch.ops.fused_bn
+
+
+def channel_params(channels, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    weight = torch.rand(channels, generator=g, dtype=torch.float64) + 0.5
+    bias = torch.randn(channels, generator=g, dtype=torch.float64) * 0.3
+    return weight.to(dtype), bias.to(dtype)
+
+
+OPCHECK_INPUTS = [
+    ((6, 4, 5, 5), "contiguous", torch.float32),
+    ((6, 4, 5, 5), "channels_last", torch.float32),
+    ((3, 4, 7), "strided", torch.float64),
+    ((12, 4), "contiguous", torch.bfloat16),
+]
+
+
+def sample_stats(x):
+    mean, m2 = ops.batch_norm_stats(x)
+    count = x.numel() // x.size(1)
+    return mean, (m2 / count + 1e-5).rsqrt()
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("shape,layout,dtype", OPCHECK_INPUTS)
+def test_opcheck_every_op(shape, layout, dtype, activation):
+    x = layout_input(shape, layout, dtype)
+    C = shape[1]
+    param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
+    weight, bias = channel_params(C, param_dtype)
+    weight.requires_grad_()
+    bias.requires_grad_()
+    running_mean, running_var = torch.zeros(C, dtype=param_dtype), torch.ones(C, dtype=param_dtype)
+    x_grad = x.detach().clone().requires_grad_()
+    for training in (True, False):
+        torch.library.opcheck(
+            ops.batch_norm_act.default,
+            (x_grad, weight, bias, running_mean, running_var, training, 1e-5, activation),
+        )
+    mean, invstd = sample_stats(x)
+    grad_out = layout_input(shape, "contiguous", dtype, seed=5)
+    torch.library.opcheck(
+        ops.batch_norm_act_backward.default,
+        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, True, activation),
+    )
+    torch.library.opcheck(ops.batch_norm_stats.default, (x,))
+    torch.library.opcheck(
+        ops.batch_norm_act_elemt.default, (x, weight.detach(), bias.detach(), mean, invstd, activation)
+    )
+    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
+        grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation
+    )
+    torch.library.opcheck(
+        ops.batch_norm_act_backward_reduce.default,
+        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation),
+    )
+    count = x.numel() // C
+    torch.library.opcheck(
+        ops.batch_norm_act_backward_elemt.default,
+        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, sum_dy / count, sum_dy_xmu / count,
+         activation),
+    )
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_opcheck_update_running_stats(momentum):
+    x = layout_input((8, 3, 4), "contiguous", torch.float32)
+    mean, invstd = sample_stats(x)
+    torch.library.opcheck(
+        ops.update_running_stats_.default,
+        (torch.zeros(3), torch.ones(3), torch.tensor(2), mean, invstd, momentum, 1e-5, 32),
+    )
+
+
+def test_split_ops_compose_to_the_fused_op():
+    # stats -> elemt and reduce -> elemt (the synchronized-BN path) equal the fused ops.
+    x = layout_input((5, 3, 4, 6), "channels_last", torch.float64)
+    weight, bias = channel_params(3)
+    out, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
+    stat_mean, m2 = ops.batch_norm_stats(x)
+    count = x.numel() // 3
+    torch.testing.assert_close(stat_mean, mean)
+    torch.testing.assert_close((m2 / count + 1e-5).rsqrt(), invstd)
+    torch.testing.assert_close(ops.batch_norm_act_elemt(x, weight, bias, mean, invstd, "relu"), out)
+    dy = torch.randn_like(x)
+    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, True, "relu")
+    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(dy, x, weight, bias, mean, invstd, "relu")
+    torch.testing.assert_close(sum_dy, grad_bias)
+    torch.testing.assert_close(sum_dy_xmu * invstd, grad_weight)
+    torch.testing.assert_close(
+        ops.batch_norm_act_backward_elemt(dy, x, weight, bias, mean, invstd, sum_dy / count, sum_dy_xmu / count, "relu"),
+        grad_input,
+    )
+
+
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape,layout", [((4, 3, 3, 2), "contiguous"), ((4, 3, 3, 2), "channels_last"), ((7, 2), "contiguous")])
+def test_gradcheck(shape, layout, affine, training, activation):
+    x = layout_input(shape, layout, torch.float64).requires_grad_()
+    C = shape[1]
+    weight, bias = channel_params(C)
+    params = (weight.requires_grad_(), bias.requires_grad_()) if affine else (None, None)
+    running_mean = torch.randn(C, dtype=torch.float64) * 0.1
+    running_var = torch.rand(C, dtype=torch.float64) + 0.5
+
+    def fn(x, *params):
+        return fused_bn.functional.batch_norm(
+            x, running_mean.clone(), running_var.clone(), *params, training=training, activation=activation
+        )
+
+    inputs = (x, *params) if affine else (x,)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = fused_bn.BatchNormReLU2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = fused_bn.BatchNorm2d(8, momentum=None)
+        self.head = nn.Linear(8, 4)
+        self.bn3 = fused_bn.BatchNormReLU1d(4)
+
+    def forward(self, x):
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.bn3(self.head(x.mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_compile_fullgraph_matches_eager(channels_last):
+    torch.manual_seed(0)
+    eager = SmallNet()
+    compiled_model = copy.deepcopy(eager)
+    if channels_last:
+        eager = eager.to(memory_format=torch.channels_last)
+        compiled_model = compiled_model.to(memory_format=torch.channels_last)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    for step in range(2):
+        x = torch.randn(6, 3, 8, 8)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y_eager, y_compiled = eager(x), compiled(x)
+        torch.testing.assert_close(y_compiled, y_eager, atol=1e-5, rtol=1e-5)
+        y_eager.square().sum().backward()
+        y_compiled.square().sum().backward()
+    for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-4, rtol=1e-4, msg=name)
+    for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(b_compiled, b_eager, atol=1e-5, rtol=1e-5, msg=name)
+    eager.eval()
+    compiled_model.eval()
+    x = torch.randn(6, 3, 8, 8)
+    torch.testing.assert_close(compiled(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
+def test_torch_export():
+    model = SmallNet().eval()
+    x = torch.randn(2, 3, 8, 8)
+    exported = torch.export.export(model, (x,))
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+def saved_bytes(fn, x):
+    """Bytes of distinct tensors that autograd saves for backward while running fn(x)."""
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        seen[(storage.data_ptr(), t.dtype)] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_saved_for_backward_is_input_plus_channel_stats(layout):
+    C = 16
+    x = layout_input((8, C, 16, 16), layout, torch.float32).requires_grad_()
+    input_bytes = x.numel() * x.element_size()
+    fused = fused_bn.BatchNormReLU2d(C)
+    eager = nn.Sequential(nn.BatchNorm2d(C), nn.ReLU())
+    fused_saved = saved_bytes(fused, x)
+    eager_saved = saved_bytes(eager, x)
+    assert fused_saved <= input_bytes + 8 * C * 4
+    assert eager_saved >= 2 * input_bytes  # eager keeps the input and the ReLU output
