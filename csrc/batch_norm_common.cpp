@@ -26,10 +26,16 @@ static void check_channel_tensor(const at::Tensor& input, const c10::optional<at
               "Expected all tensors to be on the same device, but found input on ",
               input.device(), " and ", name, " on ", t->device());
   const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(t->scalar_type() == input.scalar_type() ||
-                  (reduced_input && t->scalar_type() == at::kFloat),
-              "expected ", name, " to have the input's dtype ", input.scalar_type(),
-              (reduced_input ? " or Float" : ""), ", but got ", t->scalar_type());
+  // PyTorch's wording (its CPU kernel's), plus which tensor is off.
+  if (reduced_input) {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type() || t->scalar_type() == at::kFloat,
+                "mixed dtype: expect parameter to have scalar type of Float (input is ",
+                input.scalar_type(), ", ", name, " is ", t->scalar_type(), ")");
+  } else {
+    TORCH_CHECK(t->scalar_type() == input.scalar_type(),
+                "mixed dtype: all inputs must share same datatype (input is ", input.scalar_type(),
+                ", ", name, " is ", t->scalar_type(), ")");
+  }
 }
 
 void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Tensor>& weight,

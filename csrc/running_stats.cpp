@@ -13,9 +13,9 @@ void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
                           c10::optional<double> momentum, double eps, int64_t count) {
   TORCH_CHECK(count >= 0, "update_running_stats_: count must be >= 0, got ", count);
   TORCH_CHECK(count != 1, "Expected more than 1 value per channel when training, got ", count);
-  TORCH_CHECK(running_mean.numel() == mean.numel() && running_var.numel() == invstd.numel(),
-              "update_running_stats_: running statistics of ", running_mean.numel(),
-              " elements do not match batch statistics of ", mean.numel(), " elements");
+  TORCH_CHECK(running_mean.sym_numel() == mean.sym_numel() && running_var.sym_numel() == invstd.sym_numel(),
+              "update_running_stats_: running statistics of ", running_mean.sym_numel(),
+              " elements do not match batch statistics of ", mean.sym_numel(), " elements");
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   TORCH_CHECK(momentum.has_value() || tracked,
               "update_running_stats_: momentum=None (cumulative average) needs "

@@ -110,9 +110,10 @@ def test_mixed_precision_float32_parameters_with_bfloat16_input():
     x = layout_input((8, 4, 5, 5), "channels_last", torch.bfloat16)
     w, b = torch.rand(4) + 0.5, torch.randn(4)
     rm, rv = torch.zeros(4), torch.ones(4)
-    rm_ref, rv_ref = rm.clone(), rv.clone()
+    rm_ref, rv_ref = rm.double(), rv.double()
     y = fused_bn.functional.batch_norm_relu(x, rm, rv, w, b, training=True)
-    y_ref = F.relu(F.batch_norm(x.double(), rm_ref.double(), rv_ref.double(), w.double(), b.double(), True))
+    y_ref = F.relu(F.batch_norm(x.double(), rm_ref, rv_ref, w.double(), b.double(), True))
+    assert not torch.equal(rm_ref, torch.zeros(4, dtype=torch.float64))
     assert y.dtype == torch.bfloat16 and rm.dtype == torch.float32
     assert_close(y, y_ref, torch.bfloat16, "output")
     torch.testing.assert_close(rm.double(), rm_ref, atol=1e-2, rtol=1e-2)

@@ -71,11 +71,14 @@ def test_integer_input(dtype):
 def test_parameter_dtype_mismatch():
     fused = fused_bn.BatchNormReLU2d(3)  # float32 parameters
     before = state_of(fused)
-    with pytest.raises(RuntimeError, match="expected weight to have the input's dtype Double"):
+    with pytest.raises(RuntimeError, match="all inputs must share same datatype"):
         fused(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert_unchanged(fused, before)
     # float32 parameters with bfloat16/float16 input are mixed precision, as in torch.
     fused(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16))
+    fused.to(torch.float16)
+    with pytest.raises(RuntimeError, match="expect parameter to have scalar type of Float"):
+        fused(torch.randn(2, 3, 4, 4, dtype=torch.bfloat16))
 
 
 def test_parameter_on_another_device():

@@ -129,9 +129,9 @@ def test_gradcheck(shape, layout, affine, training, activation):
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)  # as usual before BN
         self.bn1 = fused_bn.BatchNormReLU2d(8)
-        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
         self.bn2 = fused_bn.BatchNorm2d(8, momentum=None)
         self.head = nn.Linear(8, 4)
         self.bn3 = fused_bn.BatchNormReLU1d(4)
@@ -159,7 +159,7 @@ def test_torch_compile_fullgraph_matches_eager(channels_last):
         y_eager.square().sum().backward()
         y_compiled.square().sum().backward()
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_compiled, b_eager, atol=1e-5, rtol=1e-5, msg=name)
     eager.eval()

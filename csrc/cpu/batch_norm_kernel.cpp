@@ -74,21 +74,26 @@ ChannelGradInput<acc_t> grad_input_coefficients(const ChannelParams<acc_t>& p, i
 
 // ---- channel-first path (inner > 1): one channel's slab at a time --------
 
+// Statistics are accumulated on x - shift, with shift = the channel's first
+// value: for data far from zero (x = 1e4 + noise) the shifted values are
+// small, so float32 sums and the Welford merges keep their precision.
 template <typename scalar_t, typename acc_t>
 Welford<acc_t> slab_stats(const scalar_t* x, const ChannelView& v, int64_t c) {
   Welford<acc_t> stats;
+  const acc_t shift = static_cast<acc_t>(x[c * v.inner]);
   for (int64_t n = 0; n < v.outer; ++n) {
     const scalar_t* block = x + (n * v.channels + c) * v.inner;
     acc_t sum = 0;
-    for (int64_t i = 0; i < v.inner; ++i) sum += static_cast<acc_t>(block[i]);
+    for (int64_t i = 0; i < v.inner; ++i) sum += static_cast<acc_t>(block[i]) - shift;
     const acc_t block_mean = sum / static_cast<acc_t>(v.inner);
     acc_t m2 = 0;
     for (int64_t i = 0; i < v.inner; ++i) {
-      const acc_t d = static_cast<acc_t>(block[i]) - block_mean;
+      const acc_t d = (static_cast<acc_t>(block[i]) - shift) - block_mean;
       m2 += d * d;
     }
     stats.merge_block(static_cast<acc_t>(v.inner), block_mean, m2);
   }
+  stats.mean += shift;
   return stats;
 }
 
@@ -142,6 +147,8 @@ void slab_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
 template <typename scalar_t, typename acc_t>
 void rows_stats(const scalar_t* x, const ChannelView& v, acc_t* mean, acc_t* m2) {
   const int64_t C = v.channels, rows = rows_per_chunk(v), chunks = num_chunks(v);
+  // Per-channel shift (the first row), as in slab_stats.
+  std::vector<acc_t> shift(x, x + C);
   std::vector<acc_t> part_mean(chunks * C), part_m2(chunks * C), part_count(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
@@ -151,12 +158,12 @@ void rows_stats(const scalar_t* x, const ChannelView& v, acc_t* mean, acc_t* m2)
       std::fill(cm, cm + C, acc_t(0));
       std::fill(cm2, cm2 + C, acc_t(0));
       for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) cm[c] += static_cast<acc_t>(x[r * C + c]);
+        for (int64_t c = 0; c < C; ++c) cm[c] += static_cast<acc_t>(x[r * C + c]) - shift[c];
       const acc_t n = static_cast<acc_t>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) cm[c] /= n;
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = static_cast<acc_t>(x[r * C + c]) - cm[c];
+          const acc_t d = (static_cast<acc_t>(x[r * C + c]) - shift[c]) - cm[c];
           cm2[c] += d * d;
         }
       part_count[k] = n;
@@ -167,7 +174,7 @@ void rows_stats(const scalar_t* x, const ChannelView& v, acc_t* mean, acc_t* m2)
       Welford<acc_t> stats;
       for (int64_t k = 0; k < chunks; ++k)
         stats.merge_block(part_count[k], part_mean[k * C + c], part_m2[k * C + c]);
-      mean[c] = stats.mean;
+      mean[c] = stats.mean + shift[c];
       m2[c] = stats.m2;
     }
   });
