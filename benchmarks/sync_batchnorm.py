@@ -24,11 +24,14 @@ import torch.distributed as dist
 import fused_bn
 from fused_bn.sync_batchnorm import communicated_bytes
 
+
 def make_batch(shape, dtype, channels_last, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(shape, generator=g).to(dtype)
     if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     return x.requires_grad_(), torch.randn(shape, generator=g).to(dtype)
 
 
@@ -80,15 +83,22 @@ def run_ranks(args):
         for worker in alive:
             worker.kill()
         if alive or any(w.exitcode != 0 for w in workers):
-            raise SystemExit(f"rank failed or timed out: exit codes {[w.exitcode for w in workers]}")
+            raise SystemExit(
+                f"rank failed or timed out: exit codes {[w.exitcode for w in workers]}"
+            )
         return torch.load(result_path)
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--ranks", type=int, default=2)
-    parser.add_argument("--shape", type=int, nargs="+", default=[16, 64, 16, 16],
-                        help="per-rank input shape (N, C, *)")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs="+",
+        default=[16, 64, 16, 16],
+        help="per-rank input shape (N, C, *)",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--steps", type=int, default=30)
@@ -104,15 +114,23 @@ def main():
     # The ranks are forked before this process runs any parallel kernel.
     synced_ms = run_ranks(args)
     torch.set_num_threads(1)
-    local = {2: fused_bn.BatchNormReLU1d, 3: fused_bn.BatchNormReLU1d,
-             4: fused_bn.BatchNormReLU2d, 5: fused_bn.BatchNormReLU3d}[len(args.shape)]
+    local = {
+        2: fused_bn.BatchNormReLU1d,
+        3: fused_bn.BatchNormReLU1d,
+        4: fused_bn.BatchNormReLU2d,
+        5: fused_bn.BatchNormReLU3d,
+    }[len(args.shape)]
     x, grad_output = make_batch(args.shape, args.dtype, args.channels_last, seed=0)
     single_ms = time_steps(local(args.shape[1]).to(args.dtype), x, grad_output, args.steps)
 
     layout = "channels_last" if args.channels_last else "contiguous"
-    print(f"shape per rank {args.shape}, {str(args.dtype).replace('torch.', '')}, {layout}, "
-          f"CPU, 1 thread per process, median of {args.steps} steps (forward + backward)")
-    print("| module | ranks | step ms | vs single | bytes/step/rank (fwd gather + bwd all_reduce) |")
+    print(
+        f"shape per rank {args.shape}, {str(args.dtype).replace('torch.', '')}, {layout}, "
+        f"CPU, 1 thread per process, median of {args.steps} steps (forward + backward)"
+    )
+    print(
+        "| module | ranks | step ms | vs single | bytes/step/rank (fwd gather + bwd all_reduce) |"
+    )
     print("|---|---|---|---|---|")
     print(f"| BatchNormReLU | 1 | {single_ms:.3f} | 1.00x | 0 |")
     gathered, reduced = communicated_bytes(args.shape[1], args.ranks, args.dtype)

@@ -45,7 +45,7 @@ def _gather_batch_stats(input, process_group, world_size):
     """Every rank's (count, mean, M2) per channel: a (world_size, 1 + 2C) float64 tensor.
 
     The count travels in the buffer because ranks may hold different batch
-    sizes; float64 keeps it exact and the merge below free of cancellation.
+    sizes; float64 keeps it exact and the merge below precise for any dtype.
     """
     mean, m2 = ops.batch_norm_stats(input)
     count = input.numel() // input.size(1)
@@ -105,7 +105,14 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         output = ops.batch_norm_act_elemt(input, weight, bias, mean, invstd, activation)
         if running_mean is not None and running_var is not None:
             ops.update_running_stats_(
-                running_mean, running_var, num_batches_tracked, mean64, invstd64, momentum, eps, count
+                running_mean,
+                running_var,
+                num_batches_tracked,
+                mean64,
+                invstd64,
+                momentum,
+                eps,
+                count,
             )
         ctx.save_for_backward(input, weight, bias, mean, invstd)
         ctx.count = count
@@ -157,8 +164,8 @@ class SyncBatchNorm(_BatchNormAct):
         *,
         bias=True,
     ):
-        # `bias` is forwarded only when False: torch releases without the
-        # argument still accept the default.
+        # `bias` is passed on only when False, so that torch releases without
+        # the argument accept the default.
         super().__init__(
             num_features,
             eps,
@@ -232,9 +239,12 @@ class SyncBatchNormReLU(SyncBatchNorm):
     activation = "relu"
 
 
+# By the activation a fused_bn layer applies; torch's layers have none.
+_SYNC_CLASS = {"identity": SyncBatchNorm, "relu": SyncBatchNormReLU}
+
+
 def _synchronized_copy(module, process_group):
-    sync_class = SyncBatchNormReLU if getattr(module, "activation", None) == "relu" else SyncBatchNorm
-    sync = sync_class(
+    sync = _SYNC_CLASS[getattr(module, "activation", "identity")](
         module.num_features,
         module.eps,
         module.momentum,

@@ -20,11 +20,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import FUSED_BN, FUSED_BN_RELU, TOLERANCE, TORCH_BN, bn_kind, reference_bn_module
 from torch import nn
 
 import fused_bn
 from fused_bn.sync_batchnorm import communicated_bytes
-from conftest import FUSED_BN, FUSED_BN_RELU, TOLERANCE, TORCH_BN, bn_kind, reference_bn_module
 
 # fork shares the already imported torch with the workers: a run starts in
 # about a second instead of the many seconds a fresh interpreter takes.
@@ -123,14 +123,19 @@ class Case:
     def sync_module(self, process_group=None):
         cls = fused_bn.SyncBatchNormReLU if self.relu else fused_bn.SyncBatchNorm
         module = cls(self.feature_shape[0], process_group=process_group, **self.options)
-        return _with_test_parameters(module, self).to(self.dtype)
+        return _with_test_parameters(module, self).to(self.parameter_dtype)
 
     def local_module(self, make_module):
         """make_module(kind, channels, **options): a BatchNormXd[+ReLU] module."""
         kind = bn_kind((0, *self.feature_shape))
         module = make_module(kind, self.feature_shape[0], **self.options)
         _with_test_parameters(reference_bn_module(module), self)
-        return module.to(self.dtype)
+        return module.to(self.parameter_dtype)
+
+    @property
+    def parameter_dtype(self):
+        """float32 parameters and statistics for half/bfloat16 input (mixed precision)."""
+        return torch.float32 if self.dtype in (torch.float16, torch.bfloat16) else self.dtype
 
     def global_batch(self, step):
         """(input, grad_output) of the whole group at a training step; step == steps is
@@ -195,8 +200,15 @@ class CollectiveCounter:
     """Counts calls of torch.distributed's collectives, by name, and the bytes of
     the buffer each writes (its first argument), while active."""
 
-    NAMES = ("all_gather", "all_gather_into_tensor", "all_gather_single", "all_reduce",
-             "broadcast", "reduce_scatter_tensor", "all_to_all_single")
+    NAMES = (
+        "all_gather",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_reduce",
+        "broadcast",
+        "reduce_scatter_tensor",
+        "all_to_all_single",
+    )
 
     def __init__(self):
         self.calls = {}
@@ -231,8 +243,13 @@ def train_rank(case, group_rank, process_group):
     """Trains case.sync_module on this rank's share for case.steps steps, then runs
     one eval step; returns everything the test compares."""
     module = case.sync_module(process_group)
-    record = {"outputs": [], "grad_inputs": [], "grad_weights": [], "grad_biases": [],
-              "channels_last": []}
+    record = {
+        "outputs": [],
+        "grad_inputs": [],
+        "grad_weights": [],
+        "grad_biases": [],
+        "channels_last": [],
+    }
     rows = case.rank_slice(group_rank)
     with CollectiveCounter() as train_calls:
         for step in range(case.steps):
@@ -321,12 +338,15 @@ def check_case(case, rank_records):
         for group_rank, record in enumerate(rank_records):
             rows = case.rank_slice(group_rank)
             for step in range(case.steps):
-                torch.testing.assert_close(record["outputs"][step], ref["outputs"][step][rows],
-                                           **tolerance)
-                torch.testing.assert_close(record["grad_inputs"][step],
-                                           ref["grad_inputs"][step][rows], **tolerance)
-            torch.testing.assert_close(record["eval_output"], ref["eval_outputs"][group_rank],
-                                       **tolerance)
+                torch.testing.assert_close(
+                    record["outputs"][step], ref["outputs"][step][rows], **tolerance
+                )
+                torch.testing.assert_close(
+                    record["grad_inputs"][step], ref["grad_inputs"][step][rows], **tolerance
+                )
+            torch.testing.assert_close(
+                record["eval_output"], ref["eval_outputs"][group_rank], **tolerance
+            )
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 torch.testing.assert_close(record[key], getattr(ref["bn"], key), **tolerance)
             assert all(record["channels_last"]), "output/grad_input lost the input's layout"
@@ -346,20 +366,46 @@ def check_case(case, rank_records):
 
 TWO_RANK_CASES = [
     Case("even_relu_2d", splits=(4, 4)),
-    Case("uneven_channels_last_cumulative", splits=(5, 2), channels_last=True,
-         options=dict(momentum=None)),
+    Case(
+        "uneven_channels_last_cumulative",
+        splits=(5, 2),
+        channels_last=True,
+        options=dict(momentum=None),
+    ),
     Case("empty_rank_identity_nc", splits=(0, 6), feature_shape=(4,), relu=False),
-    Case("relu_3d_channels_last_float32", splits=(3, 5), feature_shape=(4, 3, 2, 2),
-         channels_last=True, dtype=torch.float32),
-    Case("no_affine_no_running_stats", splits=(2, 3), feature_shape=(3, 6), relu=False,
-         options=dict(affine=False, track_running_stats=False)),
+    Case(
+        "relu_3d_channels_last_float32",
+        splits=(3, 5),
+        feature_shape=(4, 3, 2, 2),
+        channels_last=True,
+        dtype=torch.float32,
+    ),
+    Case(
+        "no_affine_no_running_stats",
+        splits=(2, 3),
+        feature_shape=(3, 6),
+        relu=False,
+        options=dict(affine=False, track_running_stats=False),
+    ),
     Case("no_bias_relu", splits=(6, 1), feature_shape=(2, 7), options=dict(bias=False)),
+    Case(
+        "bfloat16_channels_last",
+        splits=(2, 4),
+        feature_shape=(3, 4, 4),
+        channels_last=True,
+        dtype=torch.bfloat16,
+    ),
 ]
 
 THREE_RANK_CASES = [
     Case("three_ranks_empty_middle", splits=(3, 0, 4), channels_last=True),
-    Case("three_ranks_identity", splits=(2, 3, 1), feature_shape=(5, 3), relu=False,
-         options=dict(momentum=0.3, eps=1e-3)),
+    Case(
+        "three_ranks_identity",
+        splits=(2, 3, 1),
+        feature_shape=(5, 3),
+        relu=False,
+        options=dict(momentum=0.3, eps=1e-3),
+    ),
 ]
 SUBGROUP_PAIR = Case("subgroup_of_two", splits=(2, 5))
 SUBGROUP_SINGLE = Case("subgroup_of_one", splits=(6,), feature_shape=(3, 4))
@@ -438,15 +484,24 @@ def test_constructor_signature_and_state_dict_are_torchs(cls):
 
 @pytest.mark.parametrize(
     "shape, layout",
-    [((6, 3), "contiguous"), ((4, 3, 5), "contiguous"), ((4, 3, 5, 2), "channels_last"),
-     ((2, 3, 2, 3, 2), "channels_last")],
+    [
+        ((6, 3), "contiguous"),
+        ((4, 3, 5), "contiguous"),
+        ((4, 3, 5, 2), "channels_last"),
+        ((2, 3, 2, 3, 2), "channels_last"),
+    ],
 )
 @pytest.mark.parametrize("relu", [False, True])
 def test_without_process_group_runs_the_local_op(shape, layout, relu):
     """No initialized process group: exactly fused_bn's single-process module."""
     assert not dist.is_initialized()
-    case = Case("local", splits=(shape[0],), feature_shape=shape[1:], relu=relu,
-                channels_last=layout == "channels_last")
+    case = Case(
+        "local",
+        splits=(shape[0],),
+        feature_shape=shape[1:],
+        relu=relu,
+        channels_last=layout == "channels_last",
+    )
     local = case.local_module(fused_module(relu))
     sync = case.sync_module()
     x, grad_output = case.global_batch(0)
@@ -467,7 +522,9 @@ def test_bad_input_raises_torchs_errors_and_changes_nothing():
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
         module(torch.randn(3))
-    with pytest.raises(ValueError, match="SyncBatchNorm number of input channels should be non-zero"):
+    with pytest.raises(
+        ValueError, match="SyncBatchNorm number of input channels should be non-zero"
+    ):
         module(torch.randn(4, 0, 2))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         module(torch.randn(1, 3))
@@ -482,8 +539,10 @@ def test_convert_sync_batchnorm_carries_parameters_buffers_and_mode():
         nn.BatchNorm2d(4),
         nn.ReLU(),
         frozen,
-        nn.Sequential(fused_bn.BatchNorm2d(4, bias=False).eval(),
-                      nn.SyncBatchNorm(4, affine=False, track_running_stats=False)),
+        nn.Sequential(
+            fused_bn.BatchNorm2d(4, bias=False).eval(),
+            nn.SyncBatchNorm(4, affine=False, track_running_stats=False),
+        ),
         fused_bn.BatchNormReLU2d(4, momentum=None, eps=1e-3),
     ).double()
     for m in model.modules():
@@ -497,8 +556,13 @@ def test_convert_sync_batchnorm_carries_parameters_buffers_and_mode():
     converted = fused_bn.convert_sync_batchnorm(model, process_group=group)
     assert converted is model
     targets = [converted[1], converted[3], converted[4][0], converted[4][1], converted[5]]
-    expected_types = [fused_bn.SyncBatchNorm, fused_bn.SyncBatchNormReLU, fused_bn.SyncBatchNorm,
-                      fused_bn.SyncBatchNorm, fused_bn.SyncBatchNormReLU]
+    expected_types = [
+        fused_bn.SyncBatchNorm,
+        fused_bn.SyncBatchNormReLU,
+        fused_bn.SyncBatchNorm,
+        fused_bn.SyncBatchNorm,
+        fused_bn.SyncBatchNormReLU,
+    ]
     for source, target, expected_type in zip(sources, targets, expected_types):
         assert type(target) is expected_type
         assert target.process_group is group and target.training == source.training
@@ -511,8 +575,9 @@ def test_convert_sync_batchnorm_carries_parameters_buffers_and_mode():
     # Without a process group the converted model computes what the original did.
     x = torch.randn(5, 3, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(converted(x), original(x), **TOLERANCE[torch.float64])
-    torch.testing.assert_close(converted.state_dict(), original.state_dict(),
-                               **TOLERANCE[torch.float64])
+    torch.testing.assert_close(
+        converted.state_dict(), original.state_dict(), **TOLERANCE[torch.float64]
+    )
     # A BatchNorm layer itself is replaced, as torch's helper does.
     single = fused_bn.SyncBatchNormReLU.convert_sync_batchnorm(nn.BatchNorm1d(2))
     assert type(single) is fused_bn.SyncBatchNorm
