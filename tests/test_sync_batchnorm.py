@@ -9,17 +9,17 @@ replays the global batch through single-process modules and compares.
 
 import copy
 import inspect
-import multiprocessing
-import multiprocessing.connection
 import os
 import time
 import traceback
 from dataclasses import dataclass, field
 from datetime import timedelta
+from multiprocessing.connection import wait
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from conftest import FUSED_BN, FUSED_BN_RELU, TOLERANCE, TORCH_BN, bn_kind, reference_bn_module
 from torch import nn
 
@@ -28,7 +28,7 @@ from fused_bn.sync_batchnorm import communicated_bytes
 
 # fork shares the already imported torch with the workers: a run starts in
 # about a second instead of the many seconds a fresh interpreter takes.
-START_METHOD = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+START_METHOD = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
 RUN_TIMEOUT_S = 120
 COLLECTIVE_TIMEOUT = timedelta(seconds=60)
 
@@ -64,7 +64,7 @@ def run_distributed(tmp_path, world_size, scenario, *args, timeout=RUN_TIMEOUT_S
     each rank's result. Raises DistributedRunError as soon as a worker exits with
     an error (the others are killed rather than left waiting in a collective),
     or when the run takes longer than `timeout` seconds."""
-    context = multiprocessing.get_context(START_METHOD)
+    context = mp.get_context(START_METHOD)
     store_path = tmp_path / "store"
     workers = [
         context.Process(
@@ -80,9 +80,7 @@ def run_distributed(tmp_path, world_size, scenario, *args, timeout=RUN_TIMEOUT_S
     running = list(workers)
     failed = False
     while running and not failed and time.monotonic() < deadline:
-        multiprocessing.connection.wait(
-            [w.sentinel for w in running], timeout=deadline - time.monotonic()
-        )
+        wait([w.sentinel for w in running], timeout=max(0.0, deadline - time.monotonic()))
         running = [w for w in running if w.exitcode is None]
         failed = any(w.exitcode not in (None, 0) for w in workers)
     for worker in running:
@@ -248,7 +246,7 @@ def train_rank(case, group_rank, process_group):
         "grad_inputs": [],
         "grad_weights": [],
         "grad_biases": [],
-        "channels_last": [],
+        "layout_kept": [],
     }
     rows = case.rank_slice(group_rank)
     with CollectiveCounter() as train_calls:
@@ -259,7 +257,7 @@ def train_rank(case, group_rank, process_group):
             output.backward(grad_output[rows])
             record["outputs"].append(output.detach())
             record["grad_inputs"].append(x.grad)
-            record["channels_last"].append(
+            record["layout_kept"].append(
                 output.is_contiguous(memory_format=_channels_last_format(x))
                 and x.grad.is_contiguous(memory_format=_channels_last_format(x))
                 if case.channels_last
@@ -349,7 +347,7 @@ def check_case(case, rank_records):
             )
             for key in ("running_mean", "running_var", "num_batches_tracked"):
                 torch.testing.assert_close(record[key], getattr(ref["bn"], key), **tolerance)
-            assert all(record["channels_last"]), "output/grad_input lost the input's layout"
+            assert all(record["layout_kept"]), "output/grad_input lost the input's layout"
             assert record["eval_calls"] == {}, "eval must not communicate"
             synchronized = len(case.splits) > 1
             assert record["train_calls"] == (sync_calls if synchronized else {})
