@@ -1,6 +1,7 @@
 """fused_bn: fused BatchNorm(+ReLU) and Dropout for PyTorch, CPU and CUDA.
 
 Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d
+Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
 Operators:        torch.ops.fused_bn.*
 """
@@ -15,6 +16,7 @@ from .modules import (
     BatchNormReLU2d,
     BatchNormReLU3d,
 )
+from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 from .version import __version__
 
 __all__ = [
@@ -24,7 +26,10 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "SyncBatchNorm",
+    "SyncBatchNormReLU",
     "build_info",
+    "convert_sync_batchnorm",
     "functional",
     "__version__",
 ]
