@@ -342,5 +342,8 @@ def test_more_than_2_31_elements_float16(layout):
         torch.testing.assert_close(dweight[c], sum_gx * invstd[c], atol=1e-2 * count**0.5, rtol=1e-3)
         a = weight[c] * invstd[c]
         dx_ref = a * (g - sum_g / count - (xc - mean[c]) * invstd[c] ** 2 * sum_gx / count)
-        torch.testing.assert_close(dx[:, c].float(), dx_ref, atol=1e-2, rtol=1e-2)
-        del xc, pre, g, dx_ref
+        # Where the pre-activation rounds to about 0, the kernel's fused
+        # multiply-add and this reference may disagree on the ReLU mask.
+        decided = pre.abs() > 1e-4
+        torch.testing.assert_close(dx[:, c].float()[decided], dx_ref[decided], atol=1e-2, rtol=1e-2)
+        del xc, pre, g, dx_ref, decided

@@ -1,33 +1,30 @@
 // CUDA registrations of the BatchNorm(+activation) ops declared in ops.cpp:
-// the same argument checks, layout canonicalization and empty-batch rules as
-// the CPU ops (cpu/batch_norm.cpp), and the launches of batch_norm_kernels.cuh.
+// the ops (checks, layouts, allocation) are BatchNormOps (batch_norm_ops.h),
+// shared with the CPU; here are their kernels, launching batch_norm_kernels.cuh.
 //
-// Every kernel runs on the current stream under a device guard, and nothing
-// here synchronizes with the host: the ops can be captured in CUDA graphs.
+// Every kernel runs on the current stream (the ops hold a device guard), is
+// checked after launch, and nothing here synchronizes with the host: the ops
+// can be captured in CUDA graphs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <limits>
-#include <tuple>
 #include <type_traits>
 
-#include "../batch_norm_common.h"
-#include "../cpu/batch_norm_kernel.h"
+#include "../batch_norm_ops.h"
 #include "batch_norm_kernels.cuh"
 
 namespace fused_bn::cuda {
 namespace {
 
 using at::Tensor;
-using c10::optional;
 using cpu::ChannelView;
 
 // Blocks per SM the reductions aim for: enough to hide memory latency.
@@ -248,252 +245,121 @@ Tensor fold_forward(const Tensor& mean, const Tensor& invstd, const Tensor& weig
   return affine;
 }
 
-// ---- op implementations -------------------------------------------------------
+// ---- the kernels of BatchNormOps (signatures of cpu/batch_norm_kernel.h) --------
 
-Tensor channel_stat_like(const Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input)));
-}
+struct CudaKernels {
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
 
-Tensor param_grad(const Tensor& sum, const optional<Tensor>& param) {
-  if (param.has_value() && param->defined()) return sum.to(param->scalar_type());
-  return sum;
-}
+  static void batch_norm_stats_kernel(const Tensor& input, const ChannelView& v, Tensor& mean,
+                                      Tensor& m2) {
+    FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_stats_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      int splits = 0;
+      const Tensor partials = reduce_partials(
+          StatsAccumulator<scalar_t, acc_t>{cdata<scalar_t>(input)}, v, input, splits);
+      finalize_stats<acc_t>(partials, splits, v.channels,
+                            {mdata<acc_t>(mean), mdata<acc_t>(m2), nullptr, nullptr, nullptr,
+                             nullptr, 0.0});
+    });
+  }
 
-void check_cuda_input(const Tensor& input, const char* op) {
-  TORCH_CHECK(input.is_cuda(), "fused_bn::", op, ": expected input on a CUDA device, got ",
-              input.device());
-  TORCH_CHECK(input.layout() == at::kStrided, "fused_bn::", op,
-              ": expected a strided (dense) input, got layout ", input.layout());
-}
+  static void batch_norm_act_train_kernel(const Tensor& input, const ChannelView& v,
+                                          const Tensor& weight, const Tensor& bias, double eps,
+                                          Activation act, Tensor& output, Tensor& mean,
+                                          Tensor& invstd) {
+    FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_forward_train_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      int splits = 0;
+      const Tensor partials = reduce_partials(
+          StatsAccumulator<scalar_t, acc_t>{cdata<scalar_t>(input)}, v, input, splits);
+      Tensor affine = scratch<ChannelAffine<acc_t>>(v.channels, input);
+      finalize_stats<acc_t>(partials, splits, v.channels,
+                            {mdata<acc_t>(mean), nullptr, mdata<acc_t>(invstd),
+                             scratch_data<ChannelAffine<acc_t>>(affine), cdata<acc_t>(weight),
+                             cdata<acc_t>(bias), eps});
+      forward_apply<scalar_t, acc_t>(input, v, affine, act, output);
+    });
+  }
 
-// Inputs of every op, canonicalized once (as in the CPU ops).
-struct Prepared {
-  Tensor input;  // contiguous in output_memory_format(input)
-  ChannelView view;
-  Tensor weight;  // accumulation dtype, ones where absent
-  Tensor bias;    // accumulation dtype, zeros where absent
+  static void batch_norm_act_elemt_kernel(const Tensor& input, const ChannelView& v,
+                                          const Tensor& mean, const Tensor& invstd,
+                                          const Tensor& weight, const Tensor& bias,
+                                          Activation act, Tensor& output) {
+    if (v.count() * v.channels == 0) return;
+    FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_elemt_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const Tensor affine = fold_forward<acc_t>(mean, invstd, weight, bias);
+      forward_apply<scalar_t, acc_t>(input, v, affine, act, output);
+    });
+  }
+
+  static void batch_norm_act_backward_reduce_kernel(const Tensor& grad_output,
+                                                    const Tensor& input, const ChannelView& v,
+                                                    const Tensor& mean, const Tensor& invstd,
+                                                    const Tensor& weight, const Tensor& bias,
+                                                    Activation act, Tensor& sum_dy,
+                                                    Tensor& sum_dy_xmu) {
+    grad_sums(grad_output, input, v, mean, invstd, weight, bias, /*training=*/true, act, sum_dy,
+              sum_dy_xmu, nullptr);
+  }
+
+  static void batch_norm_act_backward_elemt_kernel(
+      const Tensor& grad_output, const Tensor& input, const ChannelView& v, const Tensor& mean,
+      const Tensor& invstd, const Tensor& weight, const Tensor& bias, const Tensor& mean_dy,
+      const Tensor& mean_dy_xmu, bool training, Activation act, Tensor& grad_input) {
+    const int64_t C = v.channels;
+    if (v.count() * C == 0) return;
+    FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_backward_elemt_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      Tensor coefficients = scratch<BackwardCoefficients<acc_t>>(C, input);
+      fold_backward_kernel<acc_t>
+          <<<thread_per_channel_blocks(C), kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+              cdata<acc_t>(mean), cdata<acc_t>(invstd), cdata<acc_t>(weight), cdata<acc_t>(bias),
+              cdata<acc_t>(mean_dy), cdata<acc_t>(mean_dy_xmu), training, C,
+              scratch_data<BackwardCoefficients<acc_t>>(coefficients));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      backward_apply<scalar_t, acc_t>(grad_output, input, v, coefficients, act, grad_input);
+    });
+  }
+
+  static void batch_norm_act_backward_kernel(const Tensor& grad_output, const Tensor& input,
+                                             const ChannelView& v, const Tensor& mean,
+                                             const Tensor& invstd, const Tensor& weight,
+                                             const Tensor& bias, bool training, Activation act,
+                                             Tensor& grad_input, Tensor& sum_dy,
+                                             Tensor& sum_dy_xmu) {
+    grad_sums(grad_output, input, v, mean, invstd, weight, bias, training, act, sum_dy,
+              sum_dy_xmu, &grad_input);
+  }
+
+  // Per-channel gradient sums; with `grad_input`, grad_input from them too.
+  static void grad_sums(const Tensor& dy, const Tensor& input, const ChannelView& v,
+                        const Tensor& mean, const Tensor& invstd, const Tensor& weight,
+                        const Tensor& bias, bool training, Activation act, Tensor& sum_dy,
+                        Tensor& sum_dy_xmu, Tensor* grad_input) {
+    FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const GradSumsAccumulator<scalar_t, acc_t> acc{
+          cdata<scalar_t>(dy),   cdata<scalar_t>(input), cdata<acc_t>(mean),
+          cdata<acc_t>(invstd),  cdata<acc_t>(weight),   cdata<acc_t>(bias), act};
+      int splits = 0;
+      const Tensor partials = reduce_partials(acc, v, input, splits);
+      Tensor coefficients;
+      if (grad_input) coefficients = scratch<BackwardCoefficients<acc_t>>(v.channels, input);
+      finalize_grad<acc_t>(
+          partials, splits, v.channels,
+          {mdata<acc_t>(sum_dy), mdata<acc_t>(sum_dy_xmu),
+           grad_input ? scratch_data<BackwardCoefficients<acc_t>>(coefficients) : nullptr,
+           cdata<acc_t>(mean), cdata<acc_t>(invstd), cdata<acc_t>(weight), cdata<acc_t>(bias),
+           static_cast<acc_t>(v.count()), training});
+      if (grad_input)
+        backward_apply<scalar_t, acc_t>(dy, input, v, coefficients, act, *grad_input);
+    });
+  }
 };
-
-Prepared prepare(const Tensor& input, const optional<Tensor>& weight,
-                 const optional<Tensor>& bias) {
-  Prepared p;
-  p.view = cpu::make_channel_view(input, p.input);
-  p.weight = channel_param_or(weight, input, 1.0);
-  p.bias = channel_param_or(bias, input, 0.0);
-  return p;
-}
-
-Tensor grad_like_input(const Tensor& grad_output, const Prepared& p) {
-  return grad_output.contiguous(output_memory_format(p.input));
-}
-
-void train_forward(const Prepared& p, double eps, Activation act, Tensor& output, Tensor& mean,
-                   Tensor& invstd) {
-  FUSED_BN_DISPATCH_CUDA(p.input.scalar_type(), "fused_bn_forward_train_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    int splits = 0;
-    const Tensor partials =
-        reduce_partials(StatsAccumulator<scalar_t, acc_t>{cdata<scalar_t>(p.input)}, p.view,
-                        p.input, splits);
-    Tensor affine = scratch<ChannelAffine<acc_t>>(p.view.channels, p.input);
-    finalize_stats<acc_t>(partials, splits, p.view.channels,
-                          {mdata<acc_t>(mean), nullptr, mdata<acc_t>(invstd),
-                           scratch_data<ChannelAffine<acc_t>>(affine), cdata<acc_t>(p.weight),
-                           cdata<acc_t>(p.bias), eps});
-    forward_apply<scalar_t, acc_t>(p.input, p.view, affine, act, output);
-  });
-}
-
-void elemt_forward(const Prepared& p, const Tensor& mean, const Tensor& invstd, Activation act,
-                   Tensor& output) {
-  FUSED_BN_DISPATCH_CUDA(p.input.scalar_type(), "fused_bn_elemt_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const Tensor affine = fold_forward<acc_t>(mean, invstd, p.weight, p.bias);
-    forward_apply<scalar_t, acc_t>(p.input, p.view, affine, act, output);
-  });
-}
-
-// Per-channel gradient sums; with `grad_input` defined, also grad_input.
-void backward(const Tensor& dy, const Prepared& p, const Tensor& mean, const Tensor& invstd,
-              bool training, Activation act, Tensor& sum_dy, Tensor& sum_dy_xmu,
-              Tensor* grad_input) {
-  FUSED_BN_DISPATCH_CUDA(p.input.scalar_type(), "fused_bn_backward_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const GradSumsAccumulator<scalar_t, acc_t> acc{
-        cdata<scalar_t>(dy), cdata<scalar_t>(p.input), cdata<acc_t>(mean),
-        cdata<acc_t>(invstd), cdata<acc_t>(p.weight), cdata<acc_t>(p.bias), act};
-    int splits = 0;
-    const Tensor partials = reduce_partials(acc, p.view, p.input, splits);
-    Tensor coefficients;
-    if (grad_input) coefficients = scratch<BackwardCoefficients<acc_t>>(p.view.channels, p.input);
-    finalize_grad<acc_t>(
-        partials, splits, p.view.channels,
-        {mdata<acc_t>(sum_dy), mdata<acc_t>(sum_dy_xmu),
-         grad_input ? scratch_data<BackwardCoefficients<acc_t>>(coefficients) : nullptr,
-         cdata<acc_t>(mean), cdata<acc_t>(invstd), cdata<acc_t>(p.weight), cdata<acc_t>(p.bias),
-         static_cast<acc_t>(p.view.count()), training});
-    if (grad_input) backward_apply<scalar_t, acc_t>(dy, p.input, p.view, coefficients, act,
-                                                    *grad_input);
-  });
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act(const Tensor& input,
-                                                  const optional<Tensor>& weight,
-                                                  const optional<Tensor>& bias,
-                                                  const optional<Tensor>& running_mean,
-                                                  const optional<Tensor>& running_var,
-                                                  bool training, double eps,
-                                                  c10::string_view activation) {
-  check_cuda_input(input, "batch_norm_act");
-  check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
-  const Activation act = parse_activation(std::string(activation));
-  const c10::cuda::CUDAGuard guard(input.device());
-  Prepared p = prepare(input, weight, bias);
-  Tensor output = at::empty_like(p.input);
-  Tensor mean = channel_stat_like(input);
-  Tensor invstd = channel_stat_like(input);
-  if (training) {
-    if (p.view.count() == 0) {  // empty batch: nothing to normalize, no statistics
-      mean.zero_();
-      invstd.zero_();
-      return {output, mean, invstd};
-    }
-    train_forward(p, eps, act, output, mean, invstd);
-    return {output, mean, invstd};
-  }
-  TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-              "batch_norm_act: running_mean and running_var are required when training=False");
-  mean.copy_(*running_mean);
-  at::rsqrt_out(invstd, running_var->to(invstd.scalar_type()) + eps);
-  elemt_forward(p, mean, invstd, act, output);
-  return {output, mean, invstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool training,
-    c10::string_view activation) {
-  check_cuda_input(input, "batch_norm_act_backward");
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  const c10::cuda::CUDAGuard guard(input.device());
-  Prepared p = prepare(input, weight, bias);
-  const Tensor dy = grad_like_input(grad_output, p);
-  Tensor grad_input = at::empty_like(p.input);
-  Tensor sum_dy = channel_stat_like(input);
-  Tensor sum_dy_xmu = channel_stat_like(input);
-  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  if (p.view.count() == 0) {
-    sum_dy.zero_();
-    sum_dy_xmu.zero_();
-  } else {
-    backward(dy, p, mean_c, invstd_c, training, act, sum_dy, sum_dy_xmu, &grad_input);
-  }
-  return {grad_input, param_grad(sum_dy_xmu * invstd_c, weight), param_grad(sum_dy, bias)};
-}
-
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
-  check_cuda_input(input, "batch_norm_stats");
-  check_batch_norm_inputs(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
-  const c10::cuda::CUDAGuard guard(input.device());
-  Tensor contiguous;
-  const ChannelView view = cpu::make_channel_view(input, contiguous);
-  Tensor mean = channel_stat_like(input);
-  Tensor m2 = channel_stat_like(input);
-  if (view.count() == 0) return {mean.zero_(), m2.zero_()};
-  FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_stats_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    int splits = 0;
-    const Tensor partials = reduce_partials(
-        StatsAccumulator<scalar_t, acc_t>{cdata<scalar_t>(contiguous)}, view, contiguous, splits);
-    finalize_stats<acc_t>(partials, splits, view.channels,
-                          {mdata<acc_t>(mean), mdata<acc_t>(m2), nullptr, nullptr, nullptr,
-                           nullptr, 0.0});
-  });
-  return {mean, m2};
-}
-
-Tensor batch_norm_act_elemt(const Tensor& input, const optional<Tensor>& weight,
-                            const optional<Tensor>& bias, const Tensor& mean,
-                            const Tensor& invstd, c10::string_view activation) {
-  check_cuda_input(input, "batch_norm_act_elemt");
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  const c10::cuda::CUDAGuard guard(input.device());
-  Prepared p = prepare(input, weight, bias);
-  Tensor output = at::empty_like(p.input);
-  elemt_forward(p, mean.contiguous(), invstd.contiguous(), act, output);
-  return output;
-}
-
-std::tuple<Tensor, Tensor> batch_norm_act_backward_reduce(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
-    c10::string_view activation) {
-  check_cuda_input(input, "batch_norm_act_backward_reduce");
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  const c10::cuda::CUDAGuard guard(input.device());
-  Prepared p = prepare(input, weight, bias);
-  Tensor sum_dy = channel_stat_like(input);
-  Tensor sum_dy_xmu = channel_stat_like(input);
-  if (p.view.count() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
-  backward(grad_like_input(grad_output, p), p, mean.contiguous(), invstd.contiguous(),
-           /*training=*/true, act, sum_dy, sum_dy_xmu, /*grad_input=*/nullptr);
-  return {sum_dy, sum_dy_xmu};
-}
-
-Tensor batch_norm_act_backward_elemt(const Tensor& grad_output, const Tensor& input,
-                                     const optional<Tensor>& weight, const optional<Tensor>& bias,
-                                     const Tensor& mean, const Tensor& invstd,
-                                     const Tensor& mean_dy, const Tensor& mean_dy_xmu,
-                                     c10::string_view activation) {
-  check_cuda_input(input, "batch_norm_act_backward_elemt");
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  check_channel_stat(input, mean_dy, "mean_dy");
-  check_channel_stat(input, mean_dy_xmu, "mean_dy_xmu");
-  const Activation act = parse_activation(std::string(activation));
-  const c10::cuda::CUDAGuard guard(input.device());
-  Prepared p = prepare(input, weight, bias);
-  const Tensor dy = grad_like_input(grad_output, p);
-  Tensor grad_input = at::empty_like(p.input);
-  const int64_t C = p.view.channels;
-  if (C == 0) return grad_input;
-  FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_backward_elemt_cuda", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    Tensor coefficients = scratch<BackwardCoefficients<acc_t>>(C, p.input);
-    fold_backward_kernel<acc_t>
-        <<<thread_per_channel_blocks(C), kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            cdata<acc_t>(mean.contiguous()), cdata<acc_t>(invstd.contiguous()),
-            cdata<acc_t>(p.weight), cdata<acc_t>(p.bias), cdata<acc_t>(mean_dy.contiguous()),
-            cdata<acc_t>(mean_dy_xmu.contiguous()), C,
-            scratch_data<BackwardCoefficients<acc_t>>(coefficients));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    backward_apply<scalar_t, acc_t>(dy, p.input, p.view, coefficients, act, grad_input);
-  });
-  return grad_input;
-}
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) {
-  m.impl("batch_norm_act", &batch_norm_act);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
-  m.impl("batch_norm_stats", &batch_norm_stats);
-  m.impl("batch_norm_act_elemt", &batch_norm_act_elemt);
-  m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce);
-  m.impl("batch_norm_act_backward_elemt", &batch_norm_act_backward_elemt);
-}
+TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) { BatchNormOps<CudaKernels>::register_kernels(m); }
 
 }  // namespace fused_bn::cuda

@@ -268,18 +268,20 @@ __global__ void __launch_bounds__(kBlockThreads)
   if (c < channels) affine[c] = ChannelAffine<acc_t>::fold(mean[c], invstd[c], weight[c], bias[c]);
 }
 
-// mean_dy and mean_dy_xmu are means already: a count of 1.
+// mean_dy and mean_dy_xmu are means already: a count of 1. Unused (eval
+// gradient) with training = false.
 template <typename acc_t>
 __global__ void __launch_bounds__(kBlockThreads)
     fold_backward_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ invstd,
                          const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
                          const acc_t* __restrict__ mean_dy, const acc_t* __restrict__ mean_dy_xmu,
-                         int64_t channels, BackwardCoefficients<acc_t>* __restrict__ coefficients) {
+                         bool training, int64_t channels,
+                         BackwardCoefficients<acc_t>* __restrict__ coefficients) {
   const int64_t c = int64_t(blockIdx.x) * kBlockThreads + threadIdx.x;
-  if (c < channels)
-    coefficients[c] = backward_coefficients(mean[c], invstd[c], weight[c], bias[c],
-                                            /*training=*/true, mean_dy[c], mean_dy_xmu[c],
-                                            acc_t(1));
+  if (c >= channels) return;
+  coefficients[c] = backward_coefficients(mean[c], invstd[c], weight[c], bias[c], training,
+                                          training ? mean_dy[c] : acc_t(0),
+                                          training ? mean_dy_xmu[c] : acc_t(0), acc_t(1));
 }
 
 // ---- elementwise passes ----------------------------------------------------
