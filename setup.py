@@ -6,6 +6,8 @@ Environment:
     FUSED_BN_CUDA=1/0      force / skip the CUDA kernels (default: build them when
                            nvcc is found and the installed torch is a CUDA build)
     TORCH_CUDA_ARCH_LIST   CUDA architectures (default: DEFAULT_CUDA_ARCHS below)
+    FUSED_BN_WERROR=1      fail on any warning in the CUDA sources (nvcc and host compiler)
+    FUSED_BN_PTXAS_VERBOSE=1  print ptxas register/spill usage of every kernel
     MAX_JOBS               parallel compile jobs (ninja)
 """
 
@@ -64,6 +66,23 @@ def pip_cuda_include_dirs():
     return sorted(set(d for d in dirs if os.path.isdir(d)))
 
 
+def env_flag(name):
+    return os.environ.get(name, "").strip() == "1"
+
+
+def nvcc_flags():
+    flags = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+    # Host-compiler warnings for the CUDA sources, as for the C++ ones; torch's
+    # headers come in through -I, so the strict mode stays on nvcc diagnostics
+    # and the host warnings that our code can trigger.
+    flags += ["-Xcompiler", "-Wall,-Wextra,-Wno-unused-parameter"]
+    if env_flag("FUSED_BN_WERROR"):
+        flags += ["-Werror", "all-warnings", "-Xcompiler", "-Werror"]
+    if env_flag("FUSED_BN_PTXAS_VERBOSE"):
+        flags += ["-Xptxas", "-v"]
+    return flags
+
+
 def extension():
     with_cuda, reason = want_cuda()
     version = read_version()
@@ -79,7 +98,7 @@ def extension():
         sources += relative_sources("csrc/cuda/*.cu")
         define_macros += [("FUSED_BN_WITH_CUDA", None)]
         include_dirs += pip_cuda_include_dirs()
-        extra["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        extra["nvcc"] = nvcc_flags()
         builder = cpp_extension.CUDAExtension
     define_macros.append(("FUSED_BN_CUDA_ARCHS", f'"{archs}"'))
     print(

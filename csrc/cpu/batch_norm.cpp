@@ -1,175 +1,28 @@
 // CPU registrations of the BatchNorm(+activation) ops declared in ops.cpp:
-// argument checks, layout canonicalization and allocation; the loops live in
-// batch_norm_kernel.cpp.
-#include <ATen/ATen.h>
+// the ops (checks, layouts, allocation) are BatchNormOps (batch_norm_ops.h),
+// shared with CUDA; the loops live in batch_norm_kernel.cpp.
 #include <torch/library.h>
 
-#include <tuple>
-
-#include "../batch_norm_common.h"
+#include "../batch_norm_ops.h"
 #include "batch_norm_kernel.h"
 
 namespace fused_bn::cpu {
 namespace {
 
-using at::Tensor;
-using c10::optional;
-
-Tensor channel_stat_like(const Tensor& input) {
-  return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input)));
-}
-
-// Inputs of the elementwise/backward ops, canonicalized once.
-struct Prepared {
-  Tensor input;  // contiguous in output_memory_format(input)
-  ChannelView view;
-  Tensor weight;  // accumulation dtype, ones where absent
-  Tensor bias;    // accumulation dtype, zeros where absent
+struct CpuKernels {
+  static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CPU;
+  static constexpr auto batch_norm_stats_kernel = &cpu::batch_norm_stats_kernel;
+  static constexpr auto batch_norm_act_train_kernel = &cpu::batch_norm_act_train_kernel;
+  static constexpr auto batch_norm_act_elemt_kernel = &cpu::batch_norm_act_elemt_kernel;
+  static constexpr auto batch_norm_act_backward_reduce_kernel =
+      &cpu::batch_norm_act_backward_reduce_kernel;
+  static constexpr auto batch_norm_act_backward_elemt_kernel =
+      &cpu::batch_norm_act_backward_elemt_kernel;
+  static constexpr auto batch_norm_act_backward_kernel = &cpu::batch_norm_act_backward_kernel;
 };
-
-Prepared prepare(const Tensor& input, const optional<Tensor>& weight,
-                 const optional<Tensor>& bias) {
-  Prepared p;
-  p.view = make_channel_view(input, p.input);
-  p.weight = channel_param_or(weight, input, 1.0);
-  p.bias = channel_param_or(bias, input, 0.0);
-  return p;
-}
-
-// grad_output in the same memory layout as the prepared input.
-Tensor grad_like_input(const Tensor& grad_output, const Prepared& p) {
-  return grad_output.contiguous(output_memory_format(p.input));
-}
-
-Tensor param_grad(const Tensor& sum, const optional<Tensor>& param) {
-  if (param.has_value() && param->defined()) return sum.to(param->scalar_type());
-  return sum;
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act(const Tensor& input,
-                                                  const optional<Tensor>& weight,
-                                                  const optional<Tensor>& bias,
-                                                  const optional<Tensor>& running_mean,
-                                                  const optional<Tensor>& running_var,
-                                                  bool training, double eps,
-                                                  c10::string_view activation) {
-  check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
-  const Activation act = parse_activation(std::string(activation));
-  Prepared p = prepare(input, weight, bias);
-  Tensor output = at::empty_like(p.input);
-  Tensor mean = channel_stat_like(input);
-  Tensor invstd = channel_stat_like(input);
-  if (training) {
-    if (p.view.count() == 0) {  // empty batch: nothing to normalize, no statistics
-      mean.zero_();
-      invstd.zero_();
-      return {output, mean, invstd};
-    }
-    batch_norm_act_train_kernel(p.input, p.view, p.weight, p.bias, eps, act, output, mean, invstd);
-    return {output, mean, invstd};
-  }
-  TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-              "batch_norm_act: running_mean and running_var are required when training=False");
-  mean.copy_(*running_mean);
-  at::rsqrt_out(invstd, running_var->to(invstd.scalar_type()) + eps);
-  batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act, output);
-  return {output, mean, invstd};
-}
-
-std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool training,
-    c10::string_view activation) {
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  Prepared p = prepare(input, weight, bias);
-  const Tensor dy = grad_like_input(grad_output, p);
-  Tensor grad_input = at::empty_like(p.input);
-  Tensor sum_dy = channel_stat_like(input);
-  Tensor sum_dy_xmu = channel_stat_like(input);
-  const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  batch_norm_act_backward_kernel(dy, p.input, p.view, mean_c, invstd_c, p.weight, p.bias,
-                                 training, act, grad_input, sum_dy, sum_dy_xmu);
-  return {grad_input, param_grad(sum_dy_xmu * invstd_c, weight), param_grad(sum_dy, bias)};
-}
-
-std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
-  check_batch_norm_inputs(input, c10::nullopt, c10::nullopt, c10::nullopt, c10::nullopt);
-  Tensor contiguous;
-  const ChannelView view = make_channel_view(input, contiguous);
-  Tensor mean = channel_stat_like(input);
-  Tensor m2 = channel_stat_like(input);
-  if (view.count() == 0) return {mean.zero_(), m2.zero_()};
-  batch_norm_stats_kernel(contiguous, view, mean, m2);
-  return {mean, m2};
-}
-
-Tensor batch_norm_act_elemt(const Tensor& input, const optional<Tensor>& weight,
-                            const optional<Tensor>& bias, const Tensor& mean,
-                            const Tensor& invstd, c10::string_view activation) {
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  Prepared p = prepare(input, weight, bias);
-  Tensor output = at::empty_like(p.input);
-  batch_norm_act_elemt_kernel(p.input, p.view, mean.contiguous(), invstd.contiguous(), p.weight,
-                              p.bias, act, output);
-  return output;
-}
-
-std::tuple<Tensor, Tensor> batch_norm_act_backward_reduce(
-    const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
-    const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
-    c10::string_view activation) {
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  const Activation act = parse_activation(std::string(activation));
-  Prepared p = prepare(input, weight, bias);
-  Tensor sum_dy = channel_stat_like(input);
-  Tensor sum_dy_xmu = channel_stat_like(input);
-  if (p.view.count() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
-  batch_norm_act_backward_reduce_kernel(grad_like_input(grad_output, p), p.input, p.view,
-                                        mean.contiguous(), invstd.contiguous(), p.weight, p.bias,
-                                        act, sum_dy, sum_dy_xmu);
-  return {sum_dy, sum_dy_xmu};
-}
-
-Tensor batch_norm_act_backward_elemt(const Tensor& grad_output, const Tensor& input,
-                                     const optional<Tensor>& weight, const optional<Tensor>& bias,
-                                     const Tensor& mean, const Tensor& invstd,
-                                     const Tensor& mean_dy, const Tensor& mean_dy_xmu,
-                                     c10::string_view activation) {
-  check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-  check_grad_output(grad_output, input);
-  check_channel_stat(input, mean, "mean");
-  check_channel_stat(input, invstd, "invstd");
-  check_channel_stat(input, mean_dy, "mean_dy");
-  check_channel_stat(input, mean_dy_xmu, "mean_dy_xmu");
-  const Activation act = parse_activation(std::string(activation));
-  Prepared p = prepare(input, weight, bias);
-  Tensor grad_input = at::empty_like(p.input);
-  batch_norm_act_backward_elemt_kernel(grad_like_input(grad_output, p), p.input, p.view,
-                                       mean.contiguous(), invstd.contiguous(), p.weight, p.bias,
-                                       mean_dy.contiguous(), mean_dy_xmu.contiguous(),
-                                       /*training=*/true, act, grad_input);
-  return grad_input;
-}
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_bn, CPU, m) {
-  m.impl("batch_norm_act", &batch_norm_act);
-  m.impl("batch_norm_act_backward", &batch_norm_act_backward);
-  m.impl("batch_norm_stats", &batch_norm_stats);
-  m.impl("batch_norm_act_elemt", &batch_norm_act_elemt);
-  m.impl("batch_norm_act_backward_reduce", &batch_norm_act_backward_reduce);
-  m.impl("batch_norm_act_backward_elemt", &batch_norm_act_backward_elemt);
-}
+TORCH_LIBRARY_IMPL(fused_bn, CPU, m) { BatchNormOps<CpuKernels>::register_kernels(m); }
 
 }  // namespace fused_bn::cpu

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# All GPU checks in one go, for a machine with a GPU, a CUDA build of torch and
+# nvcc; sized to finish within 10 minutes.
+#
+#   benchmarks/gpu_check.sh OUT_DIR
+#
+# Steps (each time-limited; a failing step does not stop the next ones):
+#   build       the extension for this GPU's architecture (ptxas -v in build.log)
+#   tests       tests/test_cuda.py, slow cases included (test_cuda.log, test_cuda.xml)
+#   memcheck    compute-sanitizer memcheck on benchmarks/gpu_sanitize_case.py
+#   racecheck   compute-sanitizer racecheck on the same
+#   benchmark   python -m benchmarks --device cuda $FUSED_BN_BENCH_ARGS (benchmark.txt)
+# OUT_DIR/summary.txt lists each step's status and duration; the exit status
+# is non-zero when any step failed.
+#
+# Environment: PYTHON (default python), CUDA_HOME (default /usr/local/cuda when
+# present), MAX_JOBS (default: CPU count), FUSED_BN_BENCH_ARGS.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+  echo "usage: $0 OUT_DIR" >&2
+  exit 2
+fi
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+cd "$ROOT"
+PY="${PYTHON:-python}"
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+SANITIZER="${CUDA_HOME:+$CUDA_HOME/bin/}compute-sanitizer"
+command -v "$SANITIZER" >/dev/null || SANITIZER=compute-sanitizer
+failed=0
+
+# step NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit, output to
+# OUT/LOG, and records the outcome in OUT/summary.txt.
+step() {
+  local name=$1 limit=$2 log=$3
+  shift 3
+  local begin status verdict
+  begin=$(date +%s)
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$log" 2>&1
+  status=$?
+  case $status in
+    0) verdict=ok ;;
+    124 | 137) verdict="timed out after ${limit} s" ;;
+    *) verdict="failed (exit $status)" ;;
+  esac
+  [ $status -eq 0 ] || failed=1
+  printf '%-10s %-28s %4d s  %s\n' "$name" "$verdict" "$(($(date +%s) - begin))" "$log" |
+    tee -a "$OUT/summary.txt"
+  return $status
+}
+
+: >"$OUT/summary.txt"
+{
+  nvidia-smi || true
+  "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+  "${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" --version || true
+} >"$OUT/device.txt" 2>&1
+
+ARCH="$("$PY" -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))")"
+if ! step build 210 build.log env FUSED_BN_CUDA=1 FUSED_BN_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="$ARCH" \
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace --build-temp build-gpu; then
+  echo "gpu_check: build failed, see $OUT/build.log" >&2
+  exit 1
+fi
+"$PY" .ci/ptxas_report.py "$OUT/build.log" >"$OUT/ptxas.txt" 2>&1 || failed=1
+
+step tests 120 test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+  --junitxml="$OUT/test_cuda.xml"
+step memcheck 60 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
+  "$PY" benchmarks/gpu_sanitize_case.py
+step racecheck 60 racecheck.log "$SANITIZER" --tool racecheck --error-exitcode 1 \
+  "$PY" benchmarks/gpu_sanitize_case.py
+# shellcheck disable=SC2086  # FUSED_BN_BENCH_ARGS is a list of arguments
+step benchmark 120 benchmark.txt "$PY" -m benchmarks --device cuda ${FUSED_BN_BENCH_ARGS:-}
+
+echo "gpu_check: results in $OUT"
+exit $failed
