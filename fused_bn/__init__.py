@@ -2,11 +2,13 @@
 
 Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d
 Functional API:   fused_bn.functional
+Whole models:     fused_bn.convert_model
 Operators:        torch.ops.fused_bn.*
 """
 
 from . import functional
 from ._ops import build_info
+from .convert import ConversionReport, convert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -24,7 +26,9 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "ConversionReport",
     "build_info",
+    "convert_model",
     "functional",
     "__version__",
 ]
