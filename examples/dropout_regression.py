@@ -2,7 +2,7 @@
 
 An MLP 1-256-256-1 is trained on 32 noisy samples of a sine, without and with
 fused_bn.Dropout (p=0.5 after the first Linear+ReLU, p=0.2 after the second),
-from the same initial weights. Plots training and test loss per epoch (both
+from the same initial weights. Plots training and test loss over the epochs (both
 measured in eval mode) and the fitted functions.
 
     python -m examples.dropout_regression --out plots [--quick]
@@ -18,6 +18,7 @@ from ._common import parse_args, progress, pyplot, save_figure
 
 TRAIN_SAMPLES, TEST_SAMPLES, NOISE = 32, 1000, 0.3
 WIDTH, LEARNING_RATE = 256, 3e-3
+EVALUATE_EVERY = 5  # epochs
 
 
 def noisy_sine(samples, generator):
@@ -45,18 +46,19 @@ def evaluate(model, x, y):
 
 
 def train(model, train_data, test_data, epochs, name):
-    """Full-batch Adam; training and test loss after every epoch."""
+    """Full-batch Adam; training and test loss every EVALUATE_EVERY epochs."""
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    history = {"train": [], "test": []}
-    bar = progress(range(epochs), name)
-    for _ in bar:
+    history = {"epoch": [], "train": [], "test": []}
+    bar = progress(range(1, epochs + 1), name)
+    for epoch in bar:
         loss = F.mse_loss(model(train_data[0]), train_data[1])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        history["train"].append(evaluate(model, *train_data))
-        history["test"].append(evaluate(model, *test_data))
-        if len(history["test"]) % 100 == 0:
+        if epoch % EVALUATE_EVERY == 0 or epoch == epochs:
+            history["epoch"].append(epoch)
+            history["train"].append(evaluate(model, *train_data))
+            history["test"].append(evaluate(model, *test_data))
             bar.set_postfix_str(f"train {history['train'][-1]:.3f} test {history['test'][-1]:.3f}")
     return history
 
@@ -69,17 +71,19 @@ def main():
     torch.manual_seed(args.seed)
     without = mlp(dropout=False)
     with_dropout = mlp(dropout=True)
-    with_dropout.load_state_dict(without.state_dict())  # Dropout has no state: same keys
+    linears = [[m for m in model if isinstance(m, nn.Linear)] for model in (without, with_dropout)]
+    for source, target in zip(*linears):  # same initial weights
+        target.load_state_dict(source.state_dict())
 
     models = {"no dropout": without, "fused_bn.Dropout": with_dropout}
     histories = {name: train(m, train_data, test_data, args.epochs, name) for name, m in models.items()}
 
     print(f"\n{TRAIN_SAMPLES} training samples, noise std {NOISE} (noise floor MSE {NOISE**2:.3f})")
     for name, history in histories.items():
-        best = min(range(args.epochs), key=history["test"].__getitem__)
+        best = min(range(len(history["test"])), key=history["test"].__getitem__)
         print(
             f"{name:>16}: final train MSE {history['train'][-1]:.4f}, final test MSE "
-            f"{history['test'][-1]:.4f} (best {history['test'][best]:.4f} at epoch {best + 1})"
+            f"{history['test'][-1]:.4f} (best {history['test'][best]:.4f} at epoch {history['epoch'][best]})"
         )
     plot(models, histories, train_data, args.out)
 
@@ -88,8 +92,8 @@ def plot(models, histories, train_data, out_dir):
     plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for axis, (name, history) in zip(axes[:2], histories.items()):
-        axis.semilogy(history["train"], label="train")
-        axis.semilogy(history["test"], label="test")
+        axis.semilogy(history["epoch"], history["train"], label="train")
+        axis.semilogy(history["epoch"], history["test"], label="test")
         axis.axhline(NOISE**2, color="gray", lw=0.8, ls=":", label="noise floor")
         axis.set(xlabel="epoch", ylabel="MSE", title=name)
         axis.legend()
