@@ -3,11 +3,13 @@
 Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d
 Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
+Whole models:     fused_bn.convert_model
 Operators:        torch.ops.fused_bn.*
 """
 
 from . import functional
 from ._ops import build_info
+from .convert import ConversionReport, convert_model
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -26,9 +28,11 @@ __all__ = [
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
+    "ConversionReport",
     "SyncBatchNorm",
     "SyncBatchNormReLU",
     "build_info",
+    "convert_model",
     "convert_sync_batchnorm",
     "functional",
     "__version__",
