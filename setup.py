@@ -13,6 +13,7 @@ Environment:
 
 import glob
 import os
+import platform
 import re
 import sys
 
@@ -83,10 +84,54 @@ def nvcc_flags():
     return flags
 
 
+# CPU kernel sources compiled once per instruction set, as ATen compiles its own
+# CPU kernels: each copy gets the ISA's flags and CPU_CAPABILITY=<ISA>, which puts
+# it (and at::vec::Vectorized) in a namespace of its own; csrc/cpu/cpu_capability.cpp
+# picks one at run time. -ffp-contract=off: the compiler must not fuse multiply-adds
+# differently in the forward and backward passes (see batch_norm_kernel.cpp).
+CPU_ISA_SOURCES = ["csrc/cpu/batch_norm_kernel.cpp"]
+CPU_ISA_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+# torch's vector headers trip these two warnings by the hundred with GCC.
+CPU_ISA_COMMON_FLAGS = ["-ffp-contract=off", "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
+
+
+def cpu_isas(compiler_type):
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return list(CPU_ISA_FLAGS) if x86 and compiler_type == "unix" else ["DEFAULT"]
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """torch's BuildExtension, plus the per-ISA copies of CPU_ISA_SOURCES."""
+
+    def build_extension(self, ext):
+        isas = cpu_isas(self.compiler.compiler_type)
+        print(f"fused_bn: CPU kernels for {', '.join(isas)}", flush=True)
+        ext.define_macros += [(f"FUSED_BN_WITH_{isa}", None) for isa in isas if isa != "DEFAULT"]
+        ext.depends = list(ext.depends) + CPU_ISA_SOURCES  # rebuild when they change
+        for isa in isas:
+            cflags = dict(ext.extra_compile_args)
+            cflags["cxx"] = list(cflags["cxx"]) + CPU_ISA_FLAGS[isa] + CPU_ISA_COMMON_FLAGS
+            ext.extra_objects += self.compiler.compile(
+                CPU_ISA_SOURCES,
+                output_dir=os.path.join(self.build_temp, f"cpu_{isa.lower()}"),
+                macros=ext.define_macros + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
+                include_dirs=ext.include_dirs,
+                debug=self.debug,
+                extra_postargs=cflags,
+                depends=ext.depends,
+            )
+        super().build_extension(ext)
+
+
 def extension():
     with_cuda, reason = want_cuda()
     version = read_version()
     sources = relative_sources("csrc/*.cpp") + relative_sources("csrc/cpu/*.cpp")
+    sources = [s for s in sources if s not in CPU_ISA_SOURCES]  # see BuildExtension
     define_macros = [("FUSED_BN_VERSION", f'"{version}"')]
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
@@ -119,5 +164,5 @@ setup(
     version=read_version(),
     packages=["fused_bn"],
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension},
 )

@@ -2,6 +2,8 @@
 // (ops.cpp and the backend files); it also reports how it was built.
 #include <torch/extension.h>
 
+#include "cpu/cpu_capability.h"
+
 #ifndef FUSED_BN_VERSION
 #define FUSED_BN_VERSION "unknown"
 #endif
@@ -21,6 +23,11 @@ pybind11::dict build_info() {
   info["cuda"] = false;
 #endif
   info["cuda_archs"] = std::string(FUSED_BN_CUDA_ARCHS);
+  pybind11::list compiled;
+  for (const auto capability : fused_bn::cpu::compiled_cpu_capabilities())
+    compiled.append(fused_bn::cpu::cpu_capability_name(capability));
+  info["cpu_capabilities"] = compiled;
+  info["cpu_capability"] = fused_bn::cpu::cpu_capability_name(fused_bn::cpu::cpu_capability());
   return info;
 }
 
@@ -30,5 +37,5 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fused_bn native extension: registers the torch.ops.fused_bn operators";
   m.def("build_info", &build_info,
         "Version, the torch it was built against, whether CUDA kernels were compiled and for "
-        "which architectures.");
+        "which architectures, the CPU instruction sets compiled and the one in use.");
 }

@@ -14,7 +14,9 @@ ACTIVATIONS = ("identity", "relu")
 
 
 def build_info():
-    """How the extension was built: version, torch version, CUDA compiled or not, CUDA archs."""
+    """How the extension was built: version, torch version, CUDA compiled or not, CUDA archs,
+    the CPU instruction sets compiled (``cpu_capabilities``) and the one in use (``cpu_capability``,
+    forced with the environment variable FUSED_BN_CPU_CAPABILITY=default|avx2|avx512)."""
     return _C.build_info()
 
 

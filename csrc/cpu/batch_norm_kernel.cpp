@@ -1,50 +1,571 @@
-#include "batch_norm_kernel.h"
-
-#include <ATen/ATen.h>
+// Vectorized, multi-threaded CPU loops of the BatchNorm(+activation) ops.
+//
+// This file is compiled once per instruction set: setup.py defines
+// CPU_CAPABILITY (DEFAULT, AVX2 or AVX512) with the matching -m flags, as ATen
+// does for its own kernels, so at::vec::Vectorized has that ISA's width and
+// each copy lives in its own namespace. cpu_capability.cpp picks one at run
+// time.
+//
+// Numerics:
+//  * Results do not depend on the thread count: a channel's work is cut into
+//    blocks whose size depends on the shape only, and block results are
+//    merged in block order whichever thread computed them.
+//  * Statistics: per block, a shifted two-pass sum (the block mean, then the
+//    sums of d = x - block mean and d^2), blocks merged with Chan's formula
+//    (welford.h) in double: a float32 mean near 1e4 has a resolution of 1e-3,
+//    which the merge would carry into the variance. Accurate to ~1e-7 for
+//    x = 1e4 + N(0, 1) in float32.
+//  * The pre-activation y = fmadd(x, scale, shift) decides the ReLU mask in
+//    backward. Every element, tails included (masked loads and stores), goes
+//    through the same vector code in forward and backward, and this file is
+//    compiled with -ffp-contract=off, so the recomputed mask always matches
+//    the forward output.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <vector>
 
-#include "../batch_norm_common.h"
+#include "batch_norm_kernel.h"
 #include "fused_bn/batch_norm_math.h"
 #include "fused_bn/welford.h"
 
-namespace fused_bn::cpu {
+#ifndef CPU_CAPABILITY
+#error "compile batch_norm_kernel.cpp once per ISA with CPU_CAPABILITY defined (see setup.py)"
+#endif
+
+namespace fused_bn::cpu::CPU_CAPABILITY {
 namespace {
 
+using at::vec::Vectorized;
+
+// A block (a channel's share of the planes, or a chunk of channels-last rows)
+// of about this many elements stays in L1/L2 between its two passes.
+constexpr int64_t kBlockElements = 8192;
+constexpr int64_t kRowChunkElements = 16384;
 // Elements a parallel task should at least cover for threading to pay off.
 constexpr int64_t kParallelGrainElements = 32768;
-// Rows per chunk on the row path: a chunk of about this many elements stays
-// in L1/L2 between its two passes.
-constexpr int64_t kChunkElements = 16384;
 
-int64_t channel_grain(const ChannelView& v) {
-  return std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, v.count()));
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---- vector helpers -------------------------------------------------------
+
+// Loads/stores of scalar_t elements as vectors of the accumulation type;
+// half/bfloat16 are converted to float. `count` < width touches only the
+// first `count` elements; the other lanes load as 0.
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  static constexpr int64_t kWidth = Vec::size();
+
+  static Vec load(const scalar_t* p, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return count == kWidth ? Vec::loadu(p) : Vec::loadu(p, count);
+    } else {
+      Vec out;
+      if (count == kWidth) {
+        at::vec::load_to_float(p, out);
+        return out;
+      }
+      scalar_t padded[kWidth] = {};
+      std::copy_n(p, count, padded);
+      at::vec::load_to_float(padded, out);
+      return out;
+    }
+  }
+
+  static void store(scalar_t* p, const Vec& v, int64_t count) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      v.store(p, count);
+    } else {
+      at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+    }
+  }
+};
+
+// Calls body(i, count) for vectors [i, i + count) covering [0, n).
+template <int64_t kWidth, typename Body>
+inline void for_each_vec(int64_t n, const Body& body) {
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth) body(i, kWidth);
+  if (i < n) body(i, n - i);
 }
 
-int64_t rows_per_chunk(const ChannelView& v) {
-  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, v.channels));
+// The forward output before the activation and the ReLU mask in backward
+// both come from here (see the file comment).
+template <typename Vec>
+inline Vec pre_activation(const Vec& x, const Vec& scale, const Vec& shift) {
+  return at::vec::fmadd(x, scale, shift);
 }
 
-int64_t num_chunks(const ChannelView& v) {
-  const int64_t rows = rows_per_chunk(v);
-  return (v.outer + rows - 1) / rows;
+// activate() of activation.h: ReLU keeps NaN.
+template <Activation act, typename Vec>
+inline Vec activate_vec(const Vec& y) {
+  if constexpr (act == Activation::ReLU) return at::vec::clamp_min(y, Vec(0));
+  return y;
 }
 
-template <typename T>
-const T* cdata(const at::Tensor& t) {
-  return t.const_data_ptr<T>();
+// g where activation_passes_grad(y), else 0.
+template <Activation act, typename Vec>
+inline Vec masked_grad(const Vec& y, const Vec& g) {
+  if constexpr (act == Activation::ReLU) return Vec::blendv(Vec(0), g, y > Vec(0));
+  return g;
 }
 
-template <typename T>
-T* mdata(at::Tensor& t) {
-  return t.mutable_data_ptr<T>();
+// ChannelGradInput::apply: g * a + x * b + c.
+template <typename Vec>
+inline Vec grad_input_vec(const Vec& g, const Vec& x, const Vec& a, const Vec& b, const Vec& c) {
+  return at::vec::fmadd(g, a, at::vec::fmadd(x, b, c));
 }
 
-// Per-channel inputs of the elementwise passes, read once per call.
+// kTerms running sums of vectors with kUnroll independent accumulators per
+// term, so that the add latency does not bound the loop. The summation order
+// depends only on the lengths added.
+template <typename Vec, int kTerms>
+class VecSums {
+ public:
+  using value_t = typename Vec::value_type;
+  using Terms = std::array<Vec, kTerms>;
+
+  VecSums() {
+    for (auto& acc : acc_) acc.fill(Vec(0));
+  }
+
+  // Adds terms(i, count) over [0, n); terms must be 0 in lanes >= count.
+  template <typename TermsAt>
+  void add(int64_t n, const TermsAt& terms) {
+    constexpr int64_t W = Vec::size();
+    int64_t i = 0;
+    for (; i + kUnroll * W <= n; i += kUnroll * W) {
+      for (int u = 0; u < kUnroll; ++u) accumulate(acc_[u], terms(i + u * W, W));
+    }
+    for (; i + W <= n; i += W) accumulate(acc_[0], terms(i, W));
+    if (i < n) accumulate(acc_[1], terms(i, n - i));
+  }
+
+  std::array<value_t, kTerms> total() const {
+    std::array<value_t, kTerms> out;
+    for (int k = 0; k < kTerms; ++k) {
+      const Vec v = (acc_[0][k] + acc_[1][k]) + (acc_[2][k] + acc_[3][k]);
+      __at_align__ value_t lanes[Vec::size()];
+      v.store(lanes);
+      value_t sum = 0;
+      for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
+      out[k] = sum;
+    }
+    return out;
+  }
+
+ private:
+  static constexpr int kUnroll = 4;
+
+  static void accumulate(Terms& acc, const Terms& terms) {
+    for (int k = 0; k < kTerms; ++k) acc[k] = acc[k] + terms[k];
+  }
+
+  std::array<Terms, kUnroll> acc_;
+};
+
+// Block statistics are kept and merged in double (see the file comment).
+using BlockStats = Welford<double>;
+
+// Statistics of `count` values from the sums of d = x - shift and d^2.
+inline BlockStats shifted_moments(double count, double shift, double sum_d, double sum_d2) {
+  BlockStats stats;
+  stats.count = count;
+  stats.mean = shift + sum_d / count;
+  stats.m2 = std::max(0., sum_d2 - sum_d * sum_d / count);  // >= 0 up to rounding
+  return stats;
+}
+
+// ---- channel-first path (inner > 1) ---------------------------------------
+
+// A part of one channel: elements [i0, i1) of its planes [n0, n1).
+struct Span {
+  int64_t n0, n1, i0, i1;
+
+  int64_t count() const { return (n1 - n0) * (i1 - i0); }
+};
+
+// A channel cut into blocks of about kBlockElements: whole planes, or pieces
+// of one plane where planes are larger. The cut depends on the shape only.
+struct ChannelBlocks {
+  int64_t planes_per_block;
+  int64_t pieces_per_plane;
+  int64_t piece;
+  int64_t count;
+
+  explicit ChannelBlocks(const ChannelView& v)
+      : planes_per_block(std::max<int64_t>(1, kBlockElements / v.inner)),
+        pieces_per_plane(ceil_div(v.inner, kBlockElements)),
+        piece(ceil_div(v.inner, pieces_per_plane)),
+        count(ceil_div(v.outer, planes_per_block) * pieces_per_plane) {}
+
+  Span operator[](int64_t b) const {
+    const int64_t n0 = b / pieces_per_plane * planes_per_block;
+    const int64_t i0 = b % pieces_per_plane * piece;
+    return {n0, n0 + planes_per_block, i0, i0 + piece};
+  }
+
+  // operator[] clipped to the view.
+  Span at(int64_t b, const ChannelView& v) const {
+    Span s = (*this)[b];
+    return {s.n0, std::min(s.n1, v.outer), s.i0, std::min(s.i1, v.inner)};
+  }
+};
+
+inline int64_t plane_offset(const ChannelView& v, int64_t n, int64_t c) {
+  return (n * v.channels + c) * v.inner;
+}
+
+// body(offset, length) for each plane's part of `span` in channel c.
+template <typename Body>
+inline void for_each_run(const ChannelView& v, int64_t c, const Span& span, const Body& body) {
+  for (int64_t n = span.n0; n < span.n1; ++n) body(plane_offset(v, n, c) + span.i0, span.i1 - span.i0);
+}
+
+// Whether whole channels are enough parallel tasks to keep every thread
+// busy. Then a thread owns a channel from its reduction to its elementwise
+// pass, which re-reads the slab from cache; otherwise blocks of every
+// channel are spread over the threads and the elementwise pass re-reads
+// from memory.
+bool parallel_over_channels(const ChannelView& v) {
+  const int64_t threads = at::get_num_threads();
+  return v.channels % threads == 0 || v.channels >= 8 * threads;
+}
+
+// For every channel c: part[b] = reduce(c, span) over its blocks, then
+// finish(c, part) once all blocks of c are reduced, then apply(c, span) over
+// the channel. finish merges part in block order, so the result is the same
+// for any thread count.
+template <typename Partial, typename Reduce, typename Finish, typename Apply>
+void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
+                                   const Finish& finish, const Apply& apply) {
+  const ChannelBlocks blocks(v);
+  if (parallel_over_channels(v)) {
+    const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.count());
+    at::parallel_for(0, v.channels, grain, [&](int64_t begin, int64_t end) {
+      std::vector<Partial> part(blocks.count);
+      for (int64_t c = begin; c < end; ++c) {
+        for (int64_t b = 0; b < blocks.count; ++b) part[b] = reduce(c, blocks.at(b, v));
+        finish(c, part.data());
+        apply(c, Span{0, v.outer, 0, v.inner});
+      }
+    });
+    return;
+  }
+  const int64_t tasks = v.channels * blocks.count;
+  std::vector<Partial> part(tasks);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t / blocks.count, b = t % blocks.count;
+      part[t] = reduce(c, blocks.at(b, v));
+    }
+  });
+  for (int64_t c = 0; c < v.channels; ++c) finish(c, part.data() + c * blocks.count);
+  // In memory order: the data are no longer in cache, let the prefetchers stream them.
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.inner);
+  at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n = p / v.channels;
+      apply(p % v.channels, Span{n, n + 1, 0, v.inner});
+    }
+  });
+}
+
+// body(c, offset) for every plane, in parallel.
+template <typename Body>
+void for_each_plane(const ChannelView& v, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.inner);
+  at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) body(p % v.channels, p * v.inner);
+  });
+}
+
+template <typename scalar_t>
+BlockStats block_stats(const scalar_t* x, const ChannelView& v, int64_t c, const Span& span) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = typename IO::acc_t;
+  VecSums<Vec, 1> sum_x;
+  for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+    sum_x.add(length, [&](int64_t i, int64_t count) {
+      return std::array<Vec, 1>{IO::load(x + offset + i, count)};
+    });
+  });
+  const acc_t shift = sum_x.total()[0] / static_cast<acc_t>(span.count());
+  const Vec shift_vec(shift);
+  VecSums<Vec, 2> sum_d;
+  for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+    sum_d.add(length, [&](int64_t i, int64_t count) {
+      Vec d = IO::load(x + offset + i, count) - shift_vec;
+      if (count < Vec::size()) d = Vec::set(Vec(0), d, count);
+      return std::array<Vec, 2>{d, d * d};
+    });
+  });
+  const auto sums = sum_d.total();
+  return shifted_moments(span.count(), shift, sums[0], sums[1]);
+}
+
+template <typename scalar_t, Activation act>
+void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, ChannelAffine<at::opmath_type<scalar_t>> affine) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec scale(affine.scale), shift(affine.shift);
+  for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
+    IO::store(y + i, activate_vec<act>(pre_activation(IO::load(x + i, count), scale, shift)),
+              count);
+  });
+}
+
+// Sums of g and g * (x - mean) over n elements, g = dy masked by the activation.
+template <typename scalar_t, Activation act>
+void add_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
+                   ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean,
+                   VecSums<typename VecIO<scalar_t>::Vec, 2>& sums) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec scale(affine.scale), shift(affine.shift), mean_vec(mean);
+  sums.add(n, [&](int64_t i, int64_t count) {
+    const Vec xv = IO::load(x + i, count);
+    const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
+    return std::array<Vec, 2>{g, g * (xv - mean_vec)};
+  });
+}
+
+template <typename scalar_t, Activation act>
+std::array<at::opmath_type<scalar_t>, 2> block_grad_sums(
+    const scalar_t* dy, const scalar_t* x, const ChannelView& v, int64_t c, const Span& span,
+    ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean) {
+  VecSums<typename VecIO<scalar_t>::Vec, 2> sums;
+  for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+    add_grad_sums<scalar_t, act>(dy + offset, x + offset, length, affine, mean, sums);
+  });
+  return sums.total();
+}
+
+// The blocks' partial results of a channel, merged in block order.
+inline BlockStats merge_blocks(const BlockStats* part, int64_t blocks) {
+  BlockStats stats;
+  for (int64_t b = 0; b < blocks; ++b) stats.merge(part[b]);
+  return stats;
+}
+
+template <typename acc_t>
+std::array<acc_t, 2> merge_blocks(const std::array<acc_t, 2>* part, int64_t blocks) {
+  std::array<acc_t, 2> sums{0, 0};
+  for (int64_t b = 0; b < blocks; ++b) {
+    sums[0] += part[b][0];
+    sums[1] += part[b][1];
+  }
+  return sums;
+}
+
+template <typename scalar_t, Activation act>
+void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
+                     ChannelAffine<at::opmath_type<scalar_t>> affine,
+                     ChannelGradInput<at::opmath_type<scalar_t>> coef) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  const Vec scale(affine.scale), shift(affine.shift), a(coef.a), b(coef.b), c(coef.c);
+  for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
+    const Vec xv = IO::load(x + i, count);
+    const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
+    IO::store(dx + i, grad_input_vec(g, xv, a, b, c), count);
+  });
+}
+
+// ---- channels-last path (inner == 1): chunks of rows of C channels -------
+//
+// Per-channel arrays are padded to a whole number of vectors (zeros), so that
+// only the loads and stores of the input rows need a tail.
+
+struct RowChunks {
+  int64_t rows;         // per chunk
+  int64_t count;        // chunks
+  int64_t padded_channels;
+
+  RowChunks(const ChannelView& v, int64_t width)
+      : rows(std::max<int64_t>(1, kRowChunkElements / std::max<int64_t>(1, v.channels))),
+        count(ceil_div(v.outer, rows)),
+        padded_channels(ceil_div(v.channels, width) * width) {}
+
+  int64_t begin(int64_t k) const { return k * rows; }
+  int64_t end(int64_t k, const ChannelView& v) const { return std::min(v.outer, (k + 1) * rows); }
+};
+
+template <typename acc_t>
+struct PaddedChannels {
+  std::vector<acc_t> scale, shift;  // ChannelAffine
+  std::vector<acc_t> a, b, c;       // ChannelGradInput (backward only)
+};
+
+template <typename acc_t>
+PaddedChannels<acc_t> padded_affine(const ChannelAffine<acc_t>* affine, int64_t channels,
+                                    int64_t padded) {
+  PaddedChannels<acc_t> p;
+  p.scale.assign(padded, acc_t(0));
+  p.shift.assign(padded, acc_t(0));
+  for (int64_t c = 0; c < channels; ++c) {
+    p.scale[c] = affine[c].scale;
+    p.shift[c] = affine[c].shift;
+  }
+  return p;
+}
+
+// body(row pointer offset, c, count) over the channel vectors of rows
+// [r0, r1), channel vectors innermost.
+template <int64_t kWidth, typename Body>
+inline void for_each_row_vec(const ChannelView& v, int64_t r0, int64_t r1, const Body& body) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for_each_vec<kWidth>(v.channels, [&](int64_t c, int64_t count) { body(r * v.channels, c, count); });
+  }
+}
+
+// for_each_row_vec over all rows, in parallel.
+template <int64_t kWidth, typename Body>
+void parallel_over_row_vecs(const ChannelView& v, const Body& body) {
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.channels);
+  at::parallel_for(0, v.outer, grain, [&](int64_t begin, int64_t end) {
+    for_each_row_vec<kWidth>(v, begin, end, body);
+  });
+}
+
+// Per-channel mean and m2 (written to C elements).
+template <typename scalar_t>
+void rows_stats(const scalar_t* x, const ChannelView& v, at::opmath_type<scalar_t>* mean,
+                at::opmath_type<scalar_t>* m2) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = Vec::size();
+  const RowChunks chunks(v, W);
+  const int64_t C = v.channels, Cp = chunks.padded_channels;
+  std::vector<double> part_mean(chunks.count * C), part_m2(chunks.count * C);
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> shift(Cp), sum_d(Cp), sum_d2(Cp);
+    for (int64_t k = begin; k < end; ++k) {
+      const int64_t r0 = chunks.begin(k), r1 = chunks.end(k, v);
+      std::fill(shift.begin(), shift.end(), acc_t(0));
+      std::fill(sum_d.begin(), sum_d.end(), acc_t(0));
+      std::fill(sum_d2.begin(), sum_d2.end(), acc_t(0));
+      for_each_row_vec<W>(v, r0, r1, [&](int64_t row, int64_t c, int64_t count) {
+        (Vec::loadu(shift.data() + c) + IO::load(x + row + c, count)).store(shift.data() + c);
+      });
+      const Vec rows(static_cast<acc_t>(r1 - r0));
+      for (int64_t c = 0; c < Cp; c += W) (Vec::loadu(shift.data() + c) / rows).store(shift.data() + c);
+      for_each_row_vec<W>(v, r0, r1, [&](int64_t row, int64_t c, int64_t count) {
+        // padded lanes: x = 0 and shift = 0, so d = 0
+        const Vec d = IO::load(x + row + c, count) - Vec::loadu(shift.data() + c);
+        (Vec::loadu(sum_d.data() + c) + d).store(sum_d.data() + c);
+        at::vec::fmadd(d, d, Vec::loadu(sum_d2.data() + c)).store(sum_d2.data() + c);
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        const auto stats = shifted_moments(r1 - r0, shift[c], sum_d[c], sum_d2[c]);
+        part_mean[k * C + c] = stats.mean;
+        part_m2[k * C + c] = stats.m2;
+      }
+    }
+  });
+  // Chunks merged in chunk order, all channels at once.
+  std::vector<double> merged_mean(part_mean.begin(), part_mean.begin() + C);
+  std::vector<double> merged_m2(part_m2.begin(), part_m2.begin() + C);
+  double merged_count = chunks.end(0, v);
+  for (int64_t k = 1; k < chunks.count; ++k) {
+    const double chunk_count = chunks.end(k, v) - chunks.begin(k);
+    for (int64_t c = 0; c < C; ++c) {
+      chan_merge(merged_mean[c], merged_m2[c], merged_count, chunk_count, part_mean[k * C + c],
+                 part_m2[k * C + c]);
+    }
+    merged_count += chunk_count;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    mean[c] = static_cast<acc_t>(merged_mean[c]);
+    m2[c] = static_cast<acc_t>(merged_m2[c]);
+  }
+}
+
+template <typename scalar_t, Activation act>
+void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
+                    const PaddedChannels<at::opmath_type<scalar_t>>& p) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
+    const Vec yv = pre_activation(IO::load(x + row + c, count), Vec::loadu(p.scale.data() + c),
+                                  Vec::loadu(p.shift.data() + c));
+    IO::store(y + row + c, activate_vec<act>(yv), count);
+  });
+}
+
+// Per-channel sums of g and g * (x - mean) (written to C elements).
+template <typename scalar_t, Activation act>
+void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
+                    const at::opmath_type<scalar_t>* mean,
+                    const PaddedChannels<at::opmath_type<scalar_t>>& p,
+                    at::opmath_type<scalar_t>* sum_g, at::opmath_type<scalar_t>* sum_gx) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = Vec::size();
+  const RowChunks chunks(v, W);
+  const int64_t Cp = chunks.padded_channels;
+  std::vector<acc_t> mean_padded(Cp, acc_t(0));
+  std::copy_n(mean, v.channels, mean_padded.begin());
+  std::vector<acc_t> part_g(chunks.count * Cp, acc_t(0)), part_gx(chunks.count * Cp, acc_t(0));
+  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      acc_t* g_sum = part_g.data() + k * Cp;
+      acc_t* gx_sum = part_gx.data() + k * Cp;
+      for_each_row_vec<W>(v, chunks.begin(k), chunks.end(k, v),
+                          [&](int64_t row, int64_t c, int64_t count) {
+                            const Vec xv = IO::load(x + row + c, count);
+                            const Vec yv = pre_activation(xv, Vec::loadu(p.scale.data() + c),
+                                                          Vec::loadu(p.shift.data() + c));
+                            const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
+                            (Vec::loadu(g_sum + c) + g).store(g_sum + c);
+                            at::vec::fmadd(g, xv - Vec::loadu(mean_padded.data() + c),
+                                           Vec::loadu(gx_sum + c))
+                                .store(gx_sum + c);
+                          });
+    }
+  });
+  for_each_vec<W>(v.channels, [&](int64_t c, int64_t count) {
+    Vec g(0), gx(0);
+    for (int64_t k = 0; k < chunks.count; ++k) {
+      g = g + Vec::loadu(part_g.data() + k * Cp + c);
+      gx = gx + Vec::loadu(part_gx.data() + k * Cp + c);
+    }
+    g.store(sum_g + c, count);
+    gx.store(sum_gx + c, count);
+  });
+}
+
+template <typename scalar_t, Activation act>
+void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
+                     const PaddedChannels<at::opmath_type<scalar_t>>& p) {
+  using IO = VecIO<scalar_t>;
+  using Vec = typename IO::Vec;
+  parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
+    const Vec xv = IO::load(x + row + c, count);
+    const Vec yv =
+        pre_activation(xv, Vec::loadu(p.scale.data() + c), Vec::loadu(p.shift.data() + c));
+    const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
+    IO::store(dx + row + c,
+              grad_input_vec(g, xv, Vec::loadu(p.a.data() + c), Vec::loadu(p.b.data() + c),
+                             Vec::loadu(p.c.data() + c)),
+              count);
+  });
+}
+
+// ---- per-channel parameters -------------------------------------------------
+
 template <typename acc_t>
 struct ChannelParams {
   const acc_t* mean;
@@ -55,368 +576,256 @@ struct ChannelParams {
   ChannelAffine<acc_t> affine(int64_t c) const {
     return ChannelAffine<acc_t>::fold(mean[c], invstd[c], weight[c], bias[c]);
   }
+
+  // From the sums of g and g * (x - mean) over `count` elements.
+  ChannelGradInput<acc_t> grad_input(int64_t c, bool training, acc_t sum_g, acc_t sum_gx,
+                                     acc_t count) const {
+    if (!training) return ChannelGradInput<acc_t>::eval(invstd[c], weight[c]);
+    return ChannelGradInput<acc_t>::training(mean[c], invstd[c], weight[c], sum_g / count,
+                                             sum_gx / count);
+  }
 };
 
 template <typename acc_t>
 ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& invstd,
                                     const at::Tensor& weight, const at::Tensor& bias) {
-  return {cdata<acc_t>(mean), cdata<acc_t>(invstd), cdata<acc_t>(weight), cdata<acc_t>(bias)};
+  return {mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(),
+          weight.const_data_ptr<acc_t>(), bias.const_data_ptr<acc_t>()};
 }
 
 template <typename acc_t>
-ChannelGradInput<acc_t> grad_input_coefficients(const ChannelParams<acc_t>& p, int64_t c,
-                                                bool training, acc_t sum_dy, acc_t sum_dy_xmu,
-                                                acc_t count) {
-  if (!training) return ChannelGradInput<acc_t>::eval(p.invstd[c], p.weight[c]);
-  return ChannelGradInput<acc_t>::training(p.mean[c], p.invstd[c], p.weight[c], sum_dy / count,
-                                           sum_dy_xmu / count);
-}
-
-// ---- channel-first path (inner > 1): one channel's slab at a time --------
-
-// Statistics are accumulated on x - shift, with shift = the channel's first
-// value: for data far from zero (x = 1e4 + noise) the shifted values are
-// small, so float32 sums and the Welford merges keep their precision.
-template <typename scalar_t, typename acc_t>
-Welford<acc_t> slab_stats(const scalar_t* x, const ChannelView& v, int64_t c) {
-  Welford<acc_t> stats;
-  const acc_t shift = static_cast<acc_t>(x[c * v.inner]);
-  for (int64_t n = 0; n < v.outer; ++n) {
-    const scalar_t* block = x + (n * v.channels + c) * v.inner;
-    acc_t sum = 0;
-    for (int64_t i = 0; i < v.inner; ++i) sum += static_cast<acc_t>(block[i]) - shift;
-    const acc_t block_mean = sum / static_cast<acc_t>(v.inner);
-    acc_t m2 = 0;
-    for (int64_t i = 0; i < v.inner; ++i) {
-      const acc_t d = (static_cast<acc_t>(block[i]) - shift) - block_mean;
-      m2 += d * d;
-    }
-    stats.merge_block(static_cast<acc_t>(v.inner), block_mean, m2);
-  }
-  stats.mean += shift;
-  return stats;
-}
-
-template <typename scalar_t, typename acc_t>
-void slab_apply(const scalar_t* x, scalar_t* y, const ChannelView& v, int64_t c,
-                ChannelAffine<acc_t> affine, Activation act) {
-  for (int64_t n = 0; n < v.outer; ++n) {
-    const int64_t offset = (n * v.channels + c) * v.inner;
-    for (int64_t i = 0; i < v.inner; ++i) {
-      y[offset + i] =
-          static_cast<scalar_t>(activate(act, affine.apply(static_cast<acc_t>(x[offset + i]))));
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void slab_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v, int64_t c,
-                    ChannelAffine<acc_t> affine, acc_t mean, Activation act, acc_t& sum_g,
-                    acc_t& sum_gx) {
-  sum_g = 0;
-  sum_gx = 0;
-  for (int64_t n = 0; n < v.outer; ++n) {
-    const int64_t offset = (n * v.channels + c) * v.inner;
-    for (int64_t i = 0; i < v.inner; ++i) {
-      const acc_t xv = static_cast<acc_t>(x[offset + i]);
-      if (!activation_passes_grad(act, affine.apply(xv))) continue;
-      const acc_t g = static_cast<acc_t>(dy[offset + i]);
-      sum_g += g;
-      sum_gx += g * (xv - mean);
-    }
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void slab_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
-                     int64_t c, ChannelAffine<acc_t> affine, ChannelGradInput<acc_t> coef,
-                     Activation act) {
-  for (int64_t n = 0; n < v.outer; ++n) {
-    const int64_t offset = (n * v.channels + c) * v.inner;
-    for (int64_t i = 0; i < v.inner; ++i) {
-      const acc_t xv = static_cast<acc_t>(x[offset + i]);
-      const acc_t g =
-          activation_passes_grad(act, affine.apply(xv)) ? static_cast<acc_t>(dy[offset + i]) : 0;
-      dx[offset + i] = static_cast<scalar_t>(coef.apply(g, xv));
-    }
-  }
-}
-
-// ---- row path (inner == 1): chunks of rows of C channels -----------------
-
-template <typename scalar_t, typename acc_t>
-void rows_stats(const scalar_t* x, const ChannelView& v, acc_t* mean, acc_t* m2) {
-  const int64_t C = v.channels, rows = rows_per_chunk(v), chunks = num_chunks(v);
-  // Per-channel shift (the first row), as in slab_stats.
-  std::vector<acc_t> shift(x, x + C);
-  std::vector<acc_t> part_mean(chunks * C), part_m2(chunks * C), part_count(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t r0 = k * rows, r1 = std::min(v.outer, r0 + rows);
-      acc_t* cm = part_mean.data() + k * C;
-      acc_t* cm2 = part_m2.data() + k * C;
-      std::fill(cm, cm + C, acc_t(0));
-      std::fill(cm2, cm2 + C, acc_t(0));
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) cm[c] += static_cast<acc_t>(x[r * C + c]) - shift[c];
-      const acc_t n = static_cast<acc_t>(r1 - r0);
-      for (int64_t c = 0; c < C; ++c) cm[c] /= n;
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t d = (static_cast<acc_t>(x[r * C + c]) - shift[c]) - cm[c];
-          cm2[c] += d * d;
-        }
-      part_count[k] = n;
-    }
-  });
-  at::parallel_for(0, C, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      Welford<acc_t> stats;
-      for (int64_t k = 0; k < chunks; ++k)
-        stats.merge_block(part_count[k], part_mean[k * C + c], part_m2[k * C + c]);
-      mean[c] = stats.mean + shift[c];
-      m2[c] = stats.m2;
-    }
-  });
-}
-
-template <typename acc_t>
-std::vector<ChannelAffine<acc_t>> affines(const ChannelParams<acc_t>& p, int64_t channels) {
+std::vector<ChannelAffine<acc_t>> channel_affines(const ChannelParams<acc_t>& p, int64_t channels) {
   std::vector<ChannelAffine<acc_t>> out(channels);
   for (int64_t c = 0; c < channels; ++c) out[c] = p.affine(c);
   return out;
 }
 
-template <typename scalar_t, typename acc_t>
-void rows_apply(const scalar_t* x, scalar_t* y, const ChannelView& v,
-                const ChannelParams<acc_t>& p, Activation act) {
-  const int64_t C = v.channels;
-  const auto affine = affines(p, C);
-  at::parallel_for(0, v.outer, std::max<int64_t>(1, kParallelGrainElements / C),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r)
-                       for (int64_t c = 0; c < C; ++c)
-                         y[r * C + c] = static_cast<scalar_t>(
-                             activate(act, affine[c].apply(static_cast<acc_t>(x[r * C + c]))));
-                   });
-}
-
-template <typename scalar_t, typename acc_t>
-void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
-                    const ChannelParams<acc_t>& p, Activation act, acc_t* sum_g, acc_t* sum_gx) {
-  const int64_t C = v.channels, rows = rows_per_chunk(v), chunks = num_chunks(v);
-  const auto affine = affines(p, C);
-  std::vector<acc_t> part_g(chunks * C), part_gx(chunks * C);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      const int64_t r0 = k * rows, r1 = std::min(v.outer, r0 + rows);
-      acc_t* cg = part_g.data() + k * C;
-      acc_t* cgx = part_gx.data() + k * C;
-      std::fill(cg, cg + C, acc_t(0));
-      std::fill(cgx, cgx + C, acc_t(0));
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = static_cast<acc_t>(x[r * C + c]);
-          if (!activation_passes_grad(act, affine[c].apply(xv))) continue;
-          const acc_t g = static_cast<acc_t>(dy[r * C + c]);
-          cg[c] += g;
-          cgx[c] += g * (xv - p.mean[c]);
-        }
-    }
-  });
-  for (int64_t c = 0; c < C; ++c) {
-    acc_t g = 0, gx = 0;
-    for (int64_t k = 0; k < chunks; ++k) {
-      g += part_g[k * C + c];
-      gx += part_gx[k * C + c];
-    }
-    sum_g[c] = g;
-    sum_gx[c] = gx;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
-                     const ChannelParams<acc_t>& p, const std::vector<ChannelGradInput<acc_t>>& coef,
-                     Activation act) {
-  const int64_t C = v.channels;
-  const auto affine = affines(p, C);
-  at::parallel_for(0, v.outer, std::max<int64_t>(1, kParallelGrainElements / C),
-                   [&](int64_t begin, int64_t end) {
-                     for (int64_t r = begin; r < end; ++r)
-                       for (int64_t c = 0; c < C; ++c) {
-                         const acc_t xv = static_cast<acc_t>(x[r * C + c]);
-                         const acc_t g = activation_passes_grad(act, affine[c].apply(xv))
-                                             ? static_cast<acc_t>(dy[r * C + c])
-                                             : acc_t(0);
-                         dx[r * C + c] = static_cast<scalar_t>(coef[c].apply(g, xv));
-                       }
-                   });
-}
-
+// Channels-last arrays of affine and grad-input coefficients.
 template <typename acc_t>
-std::vector<ChannelGradInput<acc_t>> rows_coefficients(const ChannelParams<acc_t>& p,
-                                                       int64_t channels, bool training,
-                                                       const acc_t* sum_dy,
-                                                       const acc_t* sum_dy_xmu, acc_t count) {
-  std::vector<ChannelGradInput<acc_t>> coef(channels);
-  for (int64_t c = 0; c < channels; ++c)
-    coef[c] = grad_input_coefficients(p, c, training, training ? sum_dy[c] : acc_t(0),
-                                      training ? sum_dy_xmu[c] : acc_t(0), count);
-  return coef;
+PaddedChannels<acc_t> padded_grad_input(const ChannelParams<acc_t>& p, const ChannelView& v,
+                                        bool training, const acc_t* sum_g, const acc_t* sum_gx,
+                                        acc_t count, int64_t width) {
+  const int64_t padded = ceil_div(v.channels, width) * width;
+  const auto affine = channel_affines(p, v.channels);
+  PaddedChannels<acc_t> out = padded_affine(affine.data(), v.channels, padded);
+  out.a.assign(padded, acc_t(0));
+  out.b.assign(padded, acc_t(0));
+  out.c.assign(padded, acc_t(0));
+  for (int64_t c = 0; c < v.channels; ++c) {
+    const auto coef = p.grad_input(c, training, training ? sum_g[c] : acc_t(0),
+                                   training ? sum_gx[c] : acc_t(0), count);
+    out.a[c] = coef.a;
+    out.b[c] = coef.b;
+    out.c[c] = coef.c;
+  }
+  return out;
+}
+
+template <typename F>
+void dispatch_activation(Activation act, const F& f) {
+  if (act == Activation::ReLU) {
+    f(std::integral_constant<Activation, Activation::ReLU>{});
+  } else {
+    f(std::integral_constant<Activation, Activation::Identity>{});
+  }
 }
 
 #define FUSED_BN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-}  // namespace
-
-ChannelView make_channel_view(const at::Tensor& input, at::Tensor& contiguous_input) {
-  const auto format = output_memory_format(input);
-  contiguous_input = input.contiguous(format);
-  const int64_t N = input.size(0), C = input.size(1);
-  const int64_t spatial = C == 0 || N == 0 ? 0 : input.numel() / (N * C);
-  if (format != at::MemoryFormat::Contiguous || spatial == 1) return {N * spatial, C, 1};
-  return {N, C, spatial};
+// The per-channel sums of g and g * (x - mean), then, unless dx is null,
+// grad_input (per channel while its slab is in cache where the layout allows).
+template <typename scalar_t, Activation act>
+void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
+              const ChannelParams<at::opmath_type<scalar_t>>& p, bool training,
+              at::opmath_type<scalar_t>* sum_g, at::opmath_type<scalar_t>* sum_gx) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const acc_t count = static_cast<acc_t>(v.count());
+  const auto affine = channel_affines(p, v.channels);
+  if (v.inner == 1) {
+    const int64_t W = VecIO<scalar_t>::kWidth;
+    const auto padded = padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W);
+    rows_grad_sums<scalar_t, act>(dy, x, v, p.mean, padded, sum_g, sum_gx);
+    if (dx != nullptr) {
+      rows_grad_input<scalar_t, act>(dy, x, dx, v,
+                                     padded_grad_input(p, v, training, sum_g, sum_gx, count, W));
+    }
+    return;
+  }
+  const int64_t blocks = ChannelBlocks(v).count;
+  std::vector<ChannelGradInput<acc_t>> coef(v.channels);
+  reduce_then_apply_per_channel<std::array<acc_t, 2>>(
+      v,
+      [&](int64_t c, const Span& span) {
+        return block_grad_sums<scalar_t, act>(dy, x, v, c, span, affine[c], p.mean[c]);
+      },
+      [&](int64_t c, const std::array<acc_t, 2>* part) {
+        const auto sums = merge_blocks(part, blocks);
+        sum_g[c] = sums[0];
+        sum_gx[c] = sums[1];
+        coef[c] = p.grad_input(c, training, sums[0], sums[1], count);
+      },
+      [&](int64_t c, const Span& span) {
+        if (dx == nullptr) return;
+        for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+          grad_input_span<scalar_t, act>(dy + offset, x + offset, dx + offset, length, affine[c],
+                                         coef[c]);
+        });
+      });
 }
 
-void batch_norm_stats_kernel(const at::Tensor& input, const ChannelView& v, at::Tensor& mean,
-                             at::Tensor& m2) {
+// ---- the kernels ------------------------------------------------------------
+
+void stats_kernel(const at::Tensor& input, const ChannelView& v, at::Tensor& mean,
+                  at::Tensor& m2) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    acc_t* mean_p = mdata<acc_t>(mean);
-    acc_t* m2_p = mdata<acc_t>(m2);
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
+    acc_t* m2_p = m2.mutable_data_ptr<acc_t>();
     if (v.inner == 1) return rows_stats(x, v, mean_p, m2_p);
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const auto stats = slab_stats<scalar_t, acc_t>(x, v, c);
-        mean_p[c] = stats.mean;
-        m2_p[c] = stats.m2;
-      }
-    });
+    const int64_t blocks = ChannelBlocks(v).count;
+    reduce_then_apply_per_channel<BlockStats>(
+        v, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+        [&](int64_t c, const BlockStats* part) {
+          const auto stats = merge_blocks(part, blocks);
+          mean_p[c] = stats.mean;
+          m2_p[c] = stats.m2;
+        },
+        [](int64_t, const Span&) {});
   });
 }
 
-void batch_norm_act_train_kernel(const at::Tensor& input, const ChannelView& v,
-                                 const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 Activation act, at::Tensor& output, at::Tensor& mean,
-                                 at::Tensor& invstd) {
+void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::Tensor& weight,
+                      const at::Tensor& bias, double eps, Activation act, at::Tensor& output,
+                      at::Tensor& mean, at::Tensor& invstd) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_forward_train_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    scalar_t* y = mdata<scalar_t>(output);
-    acc_t* mean_p = mdata<acc_t>(mean);
-    acc_t* invstd_p = mdata<acc_t>(invstd);
-    const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
-    if (v.inner == 1) {
-      at::Tensor m2 = at::empty_like(mean);
-      acc_t* m2_p = mdata<acc_t>(m2);
-      rows_stats(x, v, mean_p, m2_p);
-      for (int64_t c = 0; c < v.channels; ++c)
-        invstd_p[c] = inverse_std(m2_p[c] / static_cast<acc_t>(v.count()), eps);
-      return rows_apply(x, y, v, p, act);
-    }
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const auto stats = slab_stats<scalar_t, acc_t>(x, v, c);
-        mean_p[c] = stats.mean;
-        invstd_p[c] = inverse_std(stats.biased_var(), eps);
-        slab_apply(x, y, v, c, p.affine(c), act);
+    dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation kAct = decltype(act_c)::value;
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      scalar_t* y = output.mutable_data_ptr<scalar_t>();
+      acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
+      acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
+      const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
+      const acc_t count = static_cast<acc_t>(v.count());
+      if (v.inner == 1) {
+        std::vector<acc_t> m2(v.channels);
+        rows_stats(x, v, mean_p, m2.data());
+        for (int64_t c = 0; c < v.channels; ++c) invstd_p[c] = inverse_std(m2[c] / count, eps);
+        const auto affine = channel_affines(p, v.channels);
+        const int64_t W = VecIO<scalar_t>::kWidth;
+        return rows_normalize<scalar_t, kAct>(
+            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
       }
+      const int64_t blocks = ChannelBlocks(v).count;
+      std::vector<ChannelAffine<acc_t>> affine(v.channels);
+      reduce_then_apply_per_channel<BlockStats>(
+          v, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+          [&](int64_t c, const BlockStats* part) {
+            const auto stats = merge_blocks(part, blocks);
+            mean_p[c] = stats.mean;
+            invstd_p[c] = inverse_std(stats.biased_var(), eps);
+            affine[c] = p.affine(c);
+          },
+          [&](int64_t c, const Span& span) {
+            for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c]);
+            });
+          });
     });
   });
 }
 
-void batch_norm_act_elemt_kernel(const at::Tensor& input, const ChannelView& v,
-                                 const at::Tensor& mean, const at::Tensor& invstd,
-                                 const at::Tensor& weight, const at::Tensor& bias, Activation act,
-                                 at::Tensor& output) {
+void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::Tensor& mean,
+                      const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
+                      Activation act, at::Tensor& output) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_elemt_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    scalar_t* y = mdata<scalar_t>(output);
-    const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
-    if (v.inner == 1) return rows_apply(x, y, v, p, act);
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) slab_apply(x, y, v, c, p.affine(c), act);
-    });
-  });
-}
-
-void batch_norm_act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
-                                           const ChannelView& v, const at::Tensor& mean,
-                                           const at::Tensor& invstd, const at::Tensor& weight,
-                                           const at::Tensor& bias, Activation act,
-                                           at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
-  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_reduce_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    const scalar_t* dy = cdata<scalar_t>(grad_output);
-    acc_t* sg = mdata<acc_t>(sum_dy);
-    acc_t* sgx = mdata<acc_t>(sum_dy_xmu);
-    const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
-    if (v.inner == 1) return rows_grad_sums(dy, x, v, p, act, sg, sgx);
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c)
-        slab_grad_sums(dy, x, v, c, p.affine(c), p.mean[c], act, sg[c], sgx[c]);
-    });
-  });
-}
-
-void batch_norm_act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& input,
-                                          const ChannelView& v, const at::Tensor& mean,
-                                          const at::Tensor& invstd, const at::Tensor& weight,
-                                          const at::Tensor& bias, const at::Tensor& mean_dy,
-                                          const at::Tensor& mean_dy_xmu, bool training,
-                                          Activation act, at::Tensor& grad_input) {
-  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_elemt_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    const scalar_t* dy = cdata<scalar_t>(grad_output);
-    scalar_t* dx = mdata<scalar_t>(grad_input);
-    const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
-    // mean_dy/mean_dy_xmu are means already: count 1 turns them into sums.
-    const auto coef = rows_coefficients(p, v.channels, training,
-                                        training ? cdata<acc_t>(mean_dy) : nullptr,
-                                        training ? cdata<acc_t>(mean_dy_xmu) : nullptr, acc_t(1));
-    if (v.inner == 1) return rows_grad_input(dy, x, dx, v, p, coef, act);
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c)
-        slab_grad_input(dy, x, dx, v, c, p.affine(c), coef[c], act);
-    });
-  });
-}
-
-void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
-                                    const ChannelView& v, const at::Tensor& mean,
-                                    const at::Tensor& invstd, const at::Tensor& weight,
-                                    const at::Tensor& bias, bool training, Activation act,
-                                    at::Tensor& grad_input, at::Tensor& sum_dy,
-                                    at::Tensor& sum_dy_xmu) {
-  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = cdata<scalar_t>(input);
-    const scalar_t* dy = cdata<scalar_t>(grad_output);
-    scalar_t* dx = mdata<scalar_t>(grad_input);
-    acc_t* sg = mdata<acc_t>(sum_dy);
-    acc_t* sgx = mdata<acc_t>(sum_dy_xmu);
-    const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
-    const acc_t count = static_cast<acc_t>(v.count());
-    if (v.inner == 1) {
-      rows_grad_sums(dy, x, v, p, act, sg, sgx);
-      const auto coef = rows_coefficients(p, v.channels, training, sg, sgx, count);
-      return rows_grad_input(dy, x, dx, v, p, coef, act);
-    }
-    at::parallel_for(0, v.channels, channel_grain(v), [&](int64_t begin, int64_t end) {
-      for (int64_t c = begin; c < end; ++c) {
-        const auto affine = p.affine(c);
-        slab_grad_sums(dy, x, v, c, affine, p.mean[c], act, sg[c], sgx[c]);
-        const auto coef = grad_input_coefficients(p, c, training, sg[c], sgx[c], count);
-        slab_grad_input(dy, x, dx, v, c, affine, coef, act);
+    dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation kAct = decltype(act_c)::value;
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      scalar_t* y = output.mutable_data_ptr<scalar_t>();
+      const auto affine = channel_affines(channel_params<acc_t>(mean, invstd, weight, bias), v.channels);
+      if (v.inner == 1) {
+        const int64_t W = VecIO<scalar_t>::kWidth;
+        return rows_normalize<scalar_t, kAct>(
+            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
       }
+      for_each_plane(v, [&](int64_t c, int64_t offset) {
+        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c]);
+      });
     });
   });
 }
 
-}  // namespace fused_bn::cpu
+void act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                                const ChannelView& v, const at::Tensor& mean,
+                                const at::Tensor& invstd, const at::Tensor& weight,
+                                const at::Tensor& bias, Activation act, at::Tensor& sum_dy,
+                                at::Tensor& sum_dy_xmu) {
+  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_reduce_cpu", [&] {
+    dispatch_activation(act, [&](auto act_c) {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward<scalar_t, decltype(act_c)::value>(
+          grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), nullptr, v,
+          channel_params<acc_t>(mean, invstd, weight, bias), /*training=*/true,
+          sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
+    });
+  });
+}
+
+void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                               const ChannelView& v, const at::Tensor& mean,
+                               const at::Tensor& invstd, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& mean_dy,
+                               const at::Tensor& mean_dy_xmu, bool training, Activation act,
+                               at::Tensor& grad_input) {
+  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_elemt_cpu", [&] {
+    dispatch_activation(act, [&](auto act_c) {
+      constexpr Activation kAct = decltype(act_c)::value;
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* x = input.const_data_ptr<scalar_t>();
+      const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
+      scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
+      const auto p = channel_params<acc_t>(mean, invstd, weight, bias);
+      // mean_dy/mean_dy_xmu are means already: count 1 takes them as they are.
+      const auto coef = padded_grad_input(
+          p, v, training, training ? mean_dy.const_data_ptr<acc_t>() : nullptr,
+          training ? mean_dy_xmu.const_data_ptr<acc_t>() : nullptr, acc_t(1),
+          VecIO<scalar_t>::kWidth);
+      if (v.inner == 1) return rows_grad_input<scalar_t, kAct>(dy, x, dx, v, coef);
+      for_each_plane(v, [&](int64_t c, int64_t offset) {
+        grad_input_span<scalar_t, kAct>(dy + offset, x + offset, dx + offset, v.inner,
+                                        {coef.scale[c], coef.shift[c]},
+                                        {coef.a[c], coef.b[c], coef.c[c]});
+      });
+    });
+  });
+}
+
+void act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
+                         const ChannelView& v, const at::Tensor& mean, const at::Tensor& invstd,
+                         const at::Tensor& weight, const at::Tensor& bias, bool training,
+                         Activation act, at::Tensor& grad_input, at::Tensor& sum_dy,
+                         at::Tensor& sum_dy_xmu) {
+  FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_cpu", [&] {
+    dispatch_activation(act, [&](auto act_c) {
+      using acc_t = at::opmath_type<scalar_t>;
+      backward<scalar_t, decltype(act_c)::value>(
+          grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+          grad_input.mutable_data_ptr<scalar_t>(), v,
+          channel_params<acc_t>(mean, invstd, weight, bias), training,
+          sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
+    });
+  });
+}
+
+}  // namespace
+
+extern const BatchNormKernels kBatchNormKernels = {
+    &stats_kernel,          &act_train_kernel,          &act_elemt_kernel,
+    &act_backward_reduce_kernel, &act_backward_elemt_kernel, &act_backward_kernel,
+};
+
+}  // namespace fused_bn::cpu::CPU_CAPABILITY

@@ -8,6 +8,9 @@
 // between the statistics and the normalization); inner == 1 is processed in
 // chunks of rows with per-chunk partial results merged per channel.
 //
+// The loops (batch_norm_kernel.cpp) are compiled once per instruction set;
+// the functions below forward to the copy that cpu_capability() selected.
+//
 // Per-channel tensors (mean, invstd, weight, bias, sums) are contiguous and of
 // the accumulation dtype (see batch_norm_common.h).
 #include <ATen/core/Tensor.h>
@@ -68,5 +71,15 @@ void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Ten
                                     const at::Tensor& bias, bool training, Activation act,
                                     at::Tensor& grad_input, at::Tensor& sum_dy,
                                     at::Tensor& sum_dy_xmu);
+
+// One instruction set's copy of the kernels above.
+struct BatchNormKernels {
+  decltype(&batch_norm_stats_kernel) stats;
+  decltype(&batch_norm_act_train_kernel) act_train;
+  decltype(&batch_norm_act_elemt_kernel) act_elemt;
+  decltype(&batch_norm_act_backward_reduce_kernel) act_backward_reduce;
+  decltype(&batch_norm_act_backward_elemt_kernel) act_backward_elemt;
+  decltype(&batch_norm_act_backward_kernel) act_backward;
+};
 
 }  // namespace fused_bn::cpu

@@ -7,6 +7,18 @@
 
 namespace fused_bn {
 
+// Chan's merge of a block of statistics (other_count, other_mean, other_m2)
+// into (count, mean, m2), both counts > 0. T may also be a SIMD vector of
+// channels that share the counts (the CPU channels-last path).
+template <typename T, typename count_t>
+FUSED_BN_HOST_DEVICE void chan_merge(T& mean, T& m2, count_t count, count_t other_count,
+                                     const T& other_mean, const T& other_m2) {
+  const T other_share(other_count / (count + other_count));
+  const T delta = other_mean - mean;
+  mean = mean + delta * other_share;
+  m2 = m2 + (other_m2 + delta * delta * T(count) * other_share);
+}
+
 template <typename acc_t>
 struct Welford {
   acc_t mean = 0;
@@ -26,12 +38,8 @@ struct Welford {
       *this = other;
       return;
     }
-    const acc_t total = count + other.count;
-    const acc_t delta = other.mean - mean;
-    const acc_t other_share = other.count / total;
-    mean += delta * other_share;
-    m2 += other.m2 + delta * delta * count * other_share;
-    count = total;
+    chan_merge(mean, m2, count, other.count, other.mean, other.m2);
+    count += other.count;
   }
 
   // Merges a block summarized by its exact sum and centered M2 (a cheap

@@ -1,0 +1,1 @@
+"""Microbenchmarks of fused_bn against PyTorch eager and torch.compile: ``python -m benchmarks``."""

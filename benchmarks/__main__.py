@@ -1,0 +1,195 @@
+"""python -m benchmarks: fused_bn against PyTorch eager and torch.compile.
+
+Examples:
+    python -m benchmarks                                  # the default table (a few minutes)
+    python -m benchmarks --quick                          # CI smoke run (< 1 minute)
+    python -m benchmarks --ops bn_relu_fwd_bwd --shapes 32,64,56,56 --dtypes float32
+    python -m benchmarks --json out.json --markdown out.md --plot out.png
+"""
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+
+import torch
+
+import fused_bn
+
+from . import suite
+
+COLUMNS = [  # (row key, header, format)
+    ("op", "op", "{}"),
+    ("shape", "shape", "{}"),
+    ("dtype", "dtype", "{}"),
+    ("layout", "layout", "{}"),
+    ("device", "device", "{}"),
+    ("fused_ms", "fused ms", "{:.3f}"),
+    ("eager_ms", "eager ms", "{:.3f}"),
+    ("compile_ms", "compile ms", "{:.3f}"),
+    ("speedup_vs_eager", "vs eager", "{:.2f}x"),
+    ("speedup_vs_compile", "vs compile", "{:.2f}x"),
+    ("fused_GBps", "GB/s", "{:.1f}"),
+    ("pct_of_copy_bw", "% copy BW", "{:.0f}%"),
+    ("saved_fused_MB", "saved MB fused", "{:.1f}"),
+    ("saved_eager_MB", "saved MB eager", "{:.1f}"),
+]
+
+
+def shape_arg(text):
+    return tuple(int(s) for s in text.split(","))
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ops", nargs="+", choices=list(suite.OPS), help="default: all available")
+    parser.add_argument("--shapes", nargs="+", type=shape_arg, metavar="N,C,...",
+                        help="input shapes, e.g. 32,64,56,56 256,1024")
+    parser.add_argument("--dtypes", nargs="+", choices=list(suite.DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--layouts", nargs="+", choices=suite.LAYOUTS, default=list(suite.LAYOUTS),
+                        help="channels_last applies to 4D/5D shapes only")
+    parser.add_argument("--device", nargs="+", dest="devices", choices=["cpu", "cuda"],
+                        help="default: cpu, and cuda when available")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile baseline")
+    parser.add_argument("--min-run-time", type=float, default=0.2,
+                        help="seconds of timed runs per measurement (default 0.2)")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, short timing")
+    parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
+    parser.add_argument("--plot", metavar="PATH", help="bar chart of the speedups (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes = args.shapes or suite.QUICK_SHAPES
+        args.dtypes = ["float32"]
+        args.min_run_time = 0.02
+    args.shapes = args.shapes or suite.DEFAULT_SHAPES
+    args.ops = args.ops or suite.available_ops()
+    missing = [op for op in args.ops if op not in suite.available_ops()]
+    if missing:
+        parser.error(f"not available in this build of fused_bn: {missing}")
+    if args.devices is None:
+        args.devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return args
+
+
+def machine():
+    info = {
+        "cpu": cpu_model(),
+        "cores": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "fused_bn": fused_bn.build_info(),
+        "date": datetime.date.today().isoformat(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def table(rows, markdown):
+    columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
+    cells = [[fmt.format(row[key]) if key in row else "" for key, _, fmt in columns] for row in rows]
+    headers = [header for _, header, _ in columns]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    fmt = "  ".join("{:>%d}" % w for w in widths)
+    return "\n".join([fmt.format(*headers)] + [fmt.format(*r) for r in cells])
+
+
+def summary(rows):
+    lines = []
+    for key, name in (("speedup_vs_eager", "eager"), ("speedup_vs_compile", "torch.compile")):
+        values = [row[key] for row in rows if key in row]
+        if values:
+            lines.append(
+                f"fused_bn vs {name}: geometric mean {suite.geomean(values):.2f}x, "
+                f"min {min(values):.2f}x, max {max(values):.2f}x over {len(values)} rows"
+            )
+    return "\n".join(lines)
+
+
+def write_markdown(path, rows, info, copy_gbs, command):
+    bandwidth = ", ".join(f"{d}: {gbs:.1f} GB/s" for d, gbs in copy_gbs.items())
+    text = "\n".join([
+        "# fused_bn microbenchmark",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {info['cpu']}, {info['cores']} threads"
+        + (f", {info['gpu']}" if "gpu" in info else "")
+        + f"; torch {info['torch']}; fused_bn {info['fused_bn']['version']} "
+        f"(CPU kernels: {info['fused_bn']['cpu_capability']}); {info['date']}.",
+        "",
+        f"Copy bandwidth (read + write): {bandwidth}. Times are medians "
+        "(torch.utils.benchmark); GB/s counts the minimum bytes the op must move "
+        "(forward: read x, write y; backward: read x and grad, write grad_input).",
+        "",
+        table(rows, markdown=True),
+        "",
+        summary(rows),
+        "",
+    ])
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def plot(path, rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['op']}\n{r['shape']} {r['dtype']}\n{r['layout']} {r['device']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 5))
+    positions = range(len(rows))
+    ax.bar([p - 0.2 for p in positions], [r["speedup_vs_eager"] for r in rows], 0.4, label="vs eager")
+    if any("speedup_vs_compile" in r for r in rows):
+        ax.bar([p + 0.2 for p in positions], [r.get("speedup_vs_compile", 0) for r in rows], 0.4,
+               label="vs torch.compile")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(list(positions))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_ylabel("fused_bn speedup")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    info = machine()
+    print(f"{info['cpu']}, {info['cores']} threads, torch {info['torch']}, "
+          f"fused_bn CPU kernels: {info['fused_bn']['cpu_capability']}", file=sys.stderr)
+    rows, copy_gbs = suite.run(args)
+    print(table(rows, markdown=False))
+    print(summary(rows))
+    command = "python -m benchmarks" + "".join(f" {a}" for a in argv)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"command": command, "machine": info, "copy_GBps": copy_gbs, "rows": rows}, f,
+                      indent=1)
+    if args.markdown:
+        write_markdown(args.markdown, rows, info, copy_gbs, command)
+    if args.plot:
+        plot(args.plot, rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Benchmark cases, timing and the per-row measurements.
+
+Each row times one op on one input with fused_bn, PyTorch eager and
+torch.compile of the eager modules (torch.utils.benchmark, median), and reports
+the achieved bandwidth by the minimum-bytes count (the bytes the op must move at
+least: every input read once, every output written once) against the
+bandwidth of a plain tensor copy measured in the same run.
+"""
+
+import dataclasses
+import math
+import sys
+import time
+
+import torch
+import torch.utils.benchmark as tbench
+from torch import nn
+
+import fused_bn
+
+DEFAULT_SHAPES = [
+    (32, 64, 56, 56),
+    (32, 256, 14, 14),
+    (32, 512, 7, 7),
+    (256, 1024),
+    (4096, 512),
+    (32, 128, 1000),
+]
+QUICK_SHAPES = [(4, 16, 8, 8), (64, 32), (4, 8, 50)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LAYOUTS = ("contiguous", "channels_last")
+DROPOUT_P = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+    name: str
+    description: str
+    activation: str  # of the BatchNorm ops; "" for dropout
+    training: bool
+    backward: bool
+    # passes over the tensor the op needs at least: forward reads x and
+    # writes y; backward reads what it needs and writes grad_input
+    min_passes: int
+
+    @property
+    def is_dropout(self):
+        return self.name.startswith("dropout")
+
+
+OPS = {
+    op.name: op
+    for op in [
+        Op("bn_relu_fwd_train", "BatchNorm+ReLU forward, training", "relu", True, False, 2),
+        Op("bn_relu_fwd_eval", "BatchNorm+ReLU forward, eval", "relu", False, False, 2),
+        Op("bn_relu_fwd_bwd", "BatchNorm+ReLU forward+backward, training", "relu", True, True, 5),
+        Op("bn_fwd_bwd", "BatchNorm forward+backward, training", "identity", True, True, 5),
+        Op("dropout_fwd", f"Dropout(p={DROPOUT_P}) forward, training", "", True, False, 2),
+        Op("dropout_fwd_bwd", f"Dropout(p={DROPOUT_P}) forward+backward", "", True, True, 4),
+    ]
+}
+
+
+def available_ops():
+    has_dropout = hasattr(fused_bn, "Dropout")
+    return [name for name, op in OPS.items() if has_dropout or not op.is_dropout]
+
+
+@dataclasses.dataclass
+class Case:
+    op: Op
+    shape: tuple
+    dtype: str
+    layout: str
+    device: str
+
+    def label(self):
+        return f"{self.op.name} {list(self.shape)} {self.dtype} {self.layout} {self.device}"
+
+
+def cases(ops, shapes, dtypes, layouts, devices):
+    for device in devices:
+        for shape in shapes:
+            for layout in layouts:
+                if layout == "channels_last" and len(shape) not in (4, 5):
+                    continue
+                for dtype in dtypes:
+                    for op in ops:
+                        yield Case(OPS[op], tuple(shape), dtype, layout, device)
+
+
+def make_input(case):
+    dtype = DTYPES[case.dtype]
+    x = torch.randn(case.shape, device=case.device, dtype=dtype)
+    if case.layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x
+
+
+def batch_norm_modules(case):
+    """(fused_bn module, eager equivalent) with the same parameters."""
+    channels, dim = case.shape[1], len(case.shape)
+    relu = case.op.activation == "relu"
+    fused_cls = {
+        (False, 2): fused_bn.BatchNorm1d, (False, 3): fused_bn.BatchNorm1d,
+        (False, 4): fused_bn.BatchNorm2d, (False, 5): fused_bn.BatchNorm3d,
+        (True, 2): fused_bn.BatchNormReLU1d, (True, 3): fused_bn.BatchNormReLU1d,
+        (True, 4): fused_bn.BatchNormReLU2d, (True, 5): fused_bn.BatchNormReLU3d,
+    }[(relu, dim)]
+    eager_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dim]
+    fused, eager = fused_cls(channels), eager_cls(channels)
+    eager = nn.Sequential(eager, nn.ReLU()) if relu else eager
+    dtype = DTYPES[case.dtype]
+    return fused.to(case.device, dtype), eager.to(case.device, dtype)
+
+
+def modules(case):
+    if case.op.is_dropout:
+        return fused_bn.Dropout(DROPOUT_P), nn.Dropout(DROPOUT_P)
+    return batch_norm_modules(case)
+
+
+def step_fn(module, x, grad, op):
+    """A callable running one step of `op` on `module`."""
+    module.train(op.training)
+    if op.backward:
+        x = x.detach().requires_grad_()
+
+        def step():
+            module(x).backward(grad)
+
+        return step
+
+    def forward():
+        with torch.no_grad():
+            module(x)
+
+    return forward
+
+
+def saved_tensor_bytes(module, x, op):
+    """Bytes of the distinct tensors autograd keeps for backward in one forward."""
+    x = x.detach().requires_grad_()
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    module.train(op.training)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return sum(storages.values())
+
+
+def median_seconds(fn, device, min_run_time):
+    fn()  # warm-up (allocations, first-call dispatch)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def copy_bandwidth(device, min_run_time, nbytes=64 << 20):
+    """GB/s of a plain tensor copy (bytes read + bytes written)."""
+    src = torch.randn(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    seconds = median_seconds(lambda: dst.copy_(src), device, min_run_time)
+    return 2 * nbytes / seconds / 1e9
+
+
+def run_case(case, args, copy_gbs):
+    torch.manual_seed(0)
+    x = make_input(case)
+    grad = torch.randn_like(x)
+    fused, eager = modules(case)
+    row = {
+        "op": case.op.name,
+        "shape": list(case.shape),
+        "dtype": case.dtype,
+        "layout": case.layout,
+        "device": case.device,
+    }
+    times = {
+        "fused_ms": median_seconds(step_fn(fused, x, grad, case.op), case.device, args.min_run_time),
+        "eager_ms": median_seconds(step_fn(eager, x, grad, case.op), case.device, args.min_run_time),
+    }
+    if args.compile:
+        compiled = torch.compile(eager)
+        step = step_fn(compiled, x, grad, case.op)
+        start = time.perf_counter()
+        step()  # compiles
+        row["compile_s"] = round(time.perf_counter() - start, 1)
+        times["compile_ms"] = median_seconds(step, case.device, args.min_run_time)
+    for key, seconds in times.items():
+        row[key] = seconds * 1e3
+    row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
+    if args.compile:
+        row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"]
+    min_bytes = case.op.min_passes * x.numel() * x.element_size()
+    row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
+    row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_gbs
+    if case.op.backward:
+        row["saved_fused_MB"] = saved_tensor_bytes(fused, x, case.op) / 1e6
+        row["saved_eager_MB"] = saved_tensor_bytes(eager, x, case.op) / 1e6
+    return row
+
+
+def run(args, progress=sys.stderr):
+    """All rows of the selected cases, with the copy bandwidth of each device."""
+    all_cases = list(cases(args.ops, args.shapes, args.dtypes, args.layouts, args.devices))
+    copy_gbs = {}
+    for device in args.devices:
+        copy_gbs[device] = copy_bandwidth(device, args.min_run_time)
+        print(f"copy bandwidth on {device}: {copy_gbs[device]:.1f} GB/s", file=progress, flush=True)
+    rows = []
+    start = time.perf_counter()
+    for i, case in enumerate(all_cases, 1):
+        row = run_case(case, args, copy_gbs[case.device])
+        rows.append(row)
+        elapsed = time.perf_counter() - start
+        print(
+            f"[{i}/{len(all_cases)} {elapsed:.0f}s] {case.label()}: fused {row['fused_ms']:.3f} ms, "
+            f"{row['speedup_vs_eager']:.2f}x eager"
+            + (f", {row['speedup_vs_compile']:.2f}x compile" if "speedup_vs_compile" in row else ""),
+            file=progress,
+            flush=True,
+        )
+    return rows, copy_gbs
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
