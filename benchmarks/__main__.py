@@ -5,6 +5,7 @@ Examples:
     python -m benchmarks --quick                          # CI smoke run (< 1 minute)
     python -m benchmarks --ops bn_relu_fwd_bwd --shapes 32,64,56,56 --dtypes float32
     python -m benchmarks --json out.json --markdown out.md --plot out.png
+    python -m benchmarks --compile-ops all                # torch.compile baseline on every op
 """
 
 import argparse
@@ -52,8 +53,9 @@ def parse_args(argv):
                         help="channels_last applies to 4D/5D shapes only")
     parser.add_argument("--device", nargs="+", dest="devices", choices=["cpu", "cuda"],
                         help="default: cpu, and cuda when available")
-    parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip the torch.compile baseline")
+    parser.add_argument("--compile-ops", nargs="+", default=["bn_relu_fwd_bwd"], metavar="OP",
+                        help="ops that get the torch.compile baseline, 'all' or 'none' "
+                             "(default: bn_relu_fwd_bwd; compiling takes seconds per row)")
     parser.add_argument("--min-run-time", type=float, default=0.2,
                         help="seconds of timed runs per measurement (default 0.2)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, short timing")
@@ -67,6 +69,10 @@ def parse_args(argv):
         args.min_run_time = 0.02
     args.shapes = args.shapes or suite.DEFAULT_SHAPES
     args.ops = args.ops or suite.available_ops()
+    if args.compile_ops == ["all"]:
+        args.compile_ops = args.ops
+    elif args.compile_ops == ["none"]:
+        args.compile_ops = []
     missing = [op for op in args.ops if op not in suite.available_ops()]
     if missing:
         parser.error(f"not available in this build of fused_bn: {missing}")
