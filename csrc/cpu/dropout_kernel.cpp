@@ -34,6 +34,8 @@ namespace {
 
 // A chunk's mask bytes and data stay in L1 between generating and applying.
 constexpr int64_t kChunkBytes = 256;
+// The SIMD blocks (up to 8 mask bytes) must not straddle chunks.
+static_assert(kChunkBytes % 8 == 0, "chunks hold whole SIMD blocks of Philox groups");
 // Mask bytes (x 8 elements) a parallel task should at least cover.
 constexpr int64_t kGrainBytes = 2048;
 
