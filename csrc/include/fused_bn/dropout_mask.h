@@ -29,7 +29,7 @@ namespace fused_bn {
 constexpr int kDropoutElementsPerByte = 8;
 constexpr int kPhiloxDrawsPerCall = 4;
 
-inline int64_t dropout_mask_bytes(int64_t numel) {
+FUSED_BN_HOST_DEVICE int64_t dropout_mask_bytes(int64_t numel) {
   return (numel + kDropoutElementsPerByte - 1) / kDropoutElementsPerByte;
 }
 
