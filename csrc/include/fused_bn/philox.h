@@ -48,7 +48,7 @@ FUSED_BN_HOST_DEVICE PhiloxKey round_key(PhiloxKey key, uint32_t r) {
 
 // Philox4x32 with 10 rounds of `counter` under `key`.
 FUSED_BN_HOST_DEVICE PhiloxWords philox4x32_10(PhiloxWords counter, PhiloxKey key) {
-#if defined(__CUDACC__) || defined(__HIPCC__)
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #pragma unroll
 #endif
   for (uint32_t r = 0; r < philox_detail::kRounds; ++r) {
