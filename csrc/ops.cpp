@@ -59,4 +59,25 @@ TORCH_LIBRARY(fused_bn, m) {
       "batch_norm_act_backward_elemt(Tensor grad_output, Tensor input, "
       "Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, "
       "Tensor mean_dy, Tensor mean_dy_xmu, str activation) -> Tensor");
+
+  // ---- Dropout ---------------------------------------------------------------
+  // Element i (in the dense memory order of empty_like(input)) is kept when its
+  // Philox4x32-10 draw under seed_offset = int64 [seed, offset] is below
+  // round((1 - p) * 2^32); kept elements are scaled by 1 / (1 - p). The rule
+  // is in include/fused_bn/dropout_mask.h; CPU and CUDA give identical masks.
+  // seed_offset lives on the input's device (on CUDA it is read by the kernel,
+  // so it may be produced by a captured RNG op).
+  //
+  // Returns the output and, when save_mask, the mask as 1 bit per element
+  // (bit i % 8 of byte i / 8; ceil(numel / 8) bytes), else an empty mask.
+  m.def(
+      "dropout(Tensor input, float p, Tensor seed_offset, bool save_mask) "
+      "-> (Tensor output, Tensor mask)");
+  // dropout in place, without a mask (for inference or tensors outside autograd).
+  m.def("dropout_(Tensor(a!) self, float p, Tensor seed_offset) -> ()");
+  // input * mask_bit(i) / (1 - p): the backward of dropout from its saved mask.
+  m.def("dropout_apply_mask(Tensor input, Tensor mask, float p) -> Tensor");
+  // Philox4x32-10 of each row of `counter` ([..., 4]) under `key` ([2]); words
+  // are uint32 values held in int64, low word first. For known-answer tests.
+  m.def("philox4x32(Tensor counter, Tensor key) -> Tensor");
 }

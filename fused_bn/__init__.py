@@ -1,6 +1,6 @@
 """fused_bn: fused BatchNorm(+ReLU) and Dropout for PyTorch, CPU and CUDA.
 
-Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d
+Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d, Dropout
 Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
 Whole models:     fused_bn.convert_model
@@ -10,6 +10,7 @@ Operators:        torch.ops.fused_bn.*
 from . import functional
 from ._ops import build_info
 from .convert import ConversionReport, convert_model
+from .dropout import Dropout
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -29,6 +30,7 @@ __all__ = [
     "BatchNormReLU2d",
     "BatchNormReLU3d",
     "ConversionReport",
+    "Dropout",
     "SyncBatchNorm",
     "SyncBatchNormReLU",
     "build_info",

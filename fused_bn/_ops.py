@@ -124,3 +124,89 @@ torch.library.register_autograd(
     _batch_norm_act_backward,
     setup_context=_batch_norm_act_setup_context,
 )
+
+
+# ---- Dropout ------------------------------------------------------------------
+# The ops work on the input in its dense memory order and return
+# empty_like(input) outputs (csrc/dropout_common.h). Saved for backward: the
+# 1-bit mask (save_mask=True) or just the 2-element seed_offset, from which
+# backward regenerates the mask.
+
+
+def dropout_mask_bytes(numel):
+    """Bytes of the 1-bit dropout mask of a tensor of `numel` elements."""
+    return (numel + 7) // 8
+
+
+@torch.library.register_fake("fused_bn::dropout")
+def _(input, p, seed_offset, save_mask):
+    mask_bytes = dropout_mask_bytes(input.numel()) if save_mask else 0
+    return torch.empty_like(input), input.new_empty((mask_bytes,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("fused_bn::dropout_")
+def _(self, p, seed_offset):
+    return None
+
+
+@torch.library.register_fake("fused_bn::dropout_apply_mask")
+def _(input, mask, p):
+    return torch.empty_like(input)
+
+
+@torch.library.register_fake("fused_bn::philox4x32")
+def _(counter, key):
+    return torch.empty_like(counter, memory_format=torch.contiguous_format)
+
+
+def _with_stride(grad, stride):
+    """`grad` laid out with the forward output's strides, so that element i of
+    its memory order meets bit i of the mask."""
+    if grad.stride() == stride:
+        return grad
+    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
+def _dropout_setup_context(ctx, inputs, output):
+    _input, p, seed_offset, save_mask = inputs
+    out, mask = output
+    ctx.p = p
+    ctx.save_mask = save_mask
+    ctx.output_stride = out.stride()
+    ctx.save_for_backward(mask if save_mask else seed_offset)
+    ctx.mark_non_differentiable(mask)
+
+
+def _dropout_backward(ctx, grad_output, _grad_mask):
+    (saved,) = ctx.saved_tensors
+    grad = _with_stride(grad_output, ctx.output_stride)
+    if ctx.save_mask:
+        grad_input = ops.dropout_apply_mask(grad, saved, ctx.p)
+    else:
+        grad_input, _ = ops.dropout(grad, ctx.p, saved, False)
+    return grad_input, None, None, None
+
+
+torch.library.register_autograd(
+    "fused_bn::dropout", _dropout_backward, setup_context=_dropout_setup_context
+)
+
+
+def _dropout_apply_mask_setup_context(ctx, inputs, output):
+    _input, mask, p = inputs
+    ctx.p = p
+    ctx.output_stride = output.stride()
+    ctx.save_for_backward(mask)
+
+
+def _dropout_apply_mask_backward(ctx, grad_output):
+    (mask,) = ctx.saved_tensors
+    grad = _with_stride(grad_output, ctx.output_stride)
+    return ops.dropout_apply_mask(grad, mask, ctx.p), None, None
+
+
+torch.library.register_autograd(
+    "fused_bn::dropout_apply_mask",
+    _dropout_apply_mask_backward,
+    setup_context=_dropout_apply_mask_setup_context,
+)

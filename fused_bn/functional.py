@@ -11,7 +11,7 @@ import torch
 
 from ._ops import ACTIVATIONS, ops
 
-__all__ = ["batch_norm", "batch_norm_relu"]
+__all__ = ["batch_norm", "batch_norm_relu", "dropout"]
 
 
 def _verify_batch_size(size):
@@ -98,3 +98,47 @@ def batch_norm_relu(
     return batch_norm(
         input, running_mean, running_var, weight, bias, training, momentum, eps, activation="relu"
     )
+
+
+# ---- Dropout ------------------------------------------------------------------
+
+DROPOUT_MASK_MODES = ("bits", "recompute")
+# "bits" saves numel/8 bytes and its backward is one streaming pass; "recompute"
+# saves 16 bytes but its backward runs the Philox rounds again (see README).
+DEFAULT_DROPOUT_MASK_MODE = "bits"
+
+
+def _dropout_seed_offset(device):
+    """[seed, offset] for one dropout call, drawn from the default generator of
+    `device`, so that torch.manual_seed reproduces runs and consecutive calls
+    differ. On CUDA this is a device tensor made by torch's own Philox-based
+    randint, which is safe under CUDA-graph capture (each replay draws anew);
+    the dropout kernel reads it through a pointer."""
+    return torch.randint(1 << 62, (2,), dtype=torch.int64, device=device)
+
+
+def dropout(input, p=0.5, training=True, inplace=False, mask_mode=DEFAULT_DROPOUT_MASK_MODE):
+    """``torch.nn.functional.dropout`` that keeps at most 1 bit per element for backward.
+
+    Elements are zeroed with probability ``p`` and the others scaled by ``1 / (1 - p)``;
+    the mask of a call depends only on its (seed, offset) and the element's index, so
+    it is the same on CPU and CUDA. ``mask_mode`` picks what backward keeps: ``"bits"``
+    (the mask, numel/8 bytes) or ``"recompute"`` (seed and offset only; backward
+    regenerates the mask).
+    """
+    if p < 0.0 or p > 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if mask_mode not in DROPOUT_MASK_MODES:
+        raise ValueError(f"mask_mode must be one of {DROPOUT_MASK_MODES}, got {mask_mode!r}")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input  # as torch: the input itself
+    seed_offset = _dropout_seed_offset(input.device)
+    if inplace and not (torch.is_grad_enabled() and input.requires_grad):
+        ops.dropout_(input, p, seed_offset)
+        return input
+    output, _mask = ops.dropout(input, p, seed_offset, mask_mode == "bits")
+    if inplace:
+        # Writing the result into the input records the mutation with autograd
+        # (version counter, leaf check, rebased history) as nn.Dropout(inplace=True).
+        return input.copy_(output)
+    return output

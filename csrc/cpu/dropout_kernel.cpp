@@ -1,0 +1,266 @@
+#include "dropout_kernel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace fused_bn::cpu {
+namespace {
+
+// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
+// best one is picked at load time (GNU ifunc), as the extension is built
+// without -march flags.
+#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
+#define FUSED_BN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FUSED_BN_CPU_CLONES
+#endif
+
+// Hand-written AVX2/AVX-512 Philox rounds: compilers do not vectorize the
+// 32x32->64-bit products of the rounds on their own.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define FUSED_BN_X86_SIMD 1
+#else
+#define FUSED_BN_X86_SIMD 0
+#endif
+
+// A chunk's mask bytes and data stay in L1 between generating and applying.
+constexpr int64_t kChunkBytes = 256;
+// The SIMD blocks (up to 8 mask bytes) must not straddle chunks.
+static_assert(kChunkBytes % 8 == 0, "chunks hold whole SIMD blocks of Philox groups");
+// Mask bytes (x 8 elements) a parallel task should at least cover.
+constexpr int64_t kGrainBytes = 2048;
+
+// Moves bit j of a 16-bit value to bit 4 * j.
+inline uint64_t spread_bits_by_4(uint64_t x) {
+  x &= 0xFFFF;
+  x = (x | (x << 24)) & 0x000000FF000000FFull;
+  x = (x | (x << 12)) & 0x000F000F000F000Full;
+  x = (x | (x << 6)) & 0x0303030303030303ull;
+  return (x | (x << 3)) & 0x1111111111111111ull;
+}
+
+// The mask bits of up to 16 consecutive Philox groups from per-word keep
+// masks (bit g of keep[w]: word w of group g is kept): element 4 * g + w is
+// bit 4 * g + w of the result, i.e. little-endian mask bytes.
+inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
+  uint64_t bits = 0;
+  for (int w = 0; w < 4; ++w) bits |= spread_bits_by_4(keep[w]) << w;
+  return bits;
+}
+
+#if FUSED_BN_X86_SIMD
+// fill_keep_bits for whole blocks of kGroups Philox groups (kGroups / 2 mask
+// bytes), kGroups lanes at a time: philox_detail::round on vectors, where the
+// 32x32->64-bit products of even and odd lanes are taken separately and their
+// words re-interleaved. Instantiated for AVX2 (8 lanes) and AVX-512 (16 lanes)
+// with the intrinsics of each; returns the number of bytes written.
+#define FUSED_BN_DEFINE_KEEP_BYTES(NAME, TARGET, GROUPS, VEC, IOTA, SET1, ADD, MUL, SRLI, SLLI,  \
+                                   BLEND_ODD, XOR, KEEP_MASK)                                   \
+  __attribute__((target(TARGET), always_inline)) inline void NAME##_mulhilo(VEC a, uint32_t m,  \
+                                                                          VEC& hi, VEC& lo) {   \
+    const VEC even = MUL(a, SET1(static_cast<int>(m)));                                         \
+    const VEC odd = MUL(SRLI(a, 32), SET1(static_cast<int>(m)));                                \
+    lo = BLEND_ODD(even, SLLI(odd, 32));                                                        \
+    hi = BLEND_ODD(SRLI(even, 32), odd);                                                        \
+  }                                                                                             \
+  __attribute__((target(TARGET))) int64_t NAME(const DropoutStream& stream, uint32_t last_kept, \
+                                               int64_t first_byte, int64_t num_bytes,           \
+                                               uint8_t* bits) {                                 \
+    constexpr int kGroups = GROUPS;                                                             \
+    const VEC last = SET1(static_cast<int>(last_kept));                                         \
+    const VEC lanes = IOTA;                                                                     \
+    int64_t b = 0;                                                                              \
+    for (; b + kGroups / 2 <= num_bytes; b += kGroups / 2) {                                    \
+      /* The first group is a multiple of kGroups: adding the lane to the */                     \
+      /* counter's low word never carries into the high word. */                                \
+      const PhiloxWords first = stream.counter(2 * static_cast<uint64_t>(first_byte + b));      \
+      VEC c0 = ADD(SET1(static_cast<int>(first.x[0])), lanes);                                   \
+      VEC c1 = SET1(static_cast<int>(first.x[1]));                                              \
+      VEC c2 = SET1(static_cast<int>(first.x[2]));                                              \
+      VEC c3 = SET1(static_cast<int>(first.x[3]));                                              \
+      for (uint32_t r = 0; r < philox_detail::kRounds; ++r) {                                   \
+        const PhiloxKey rk = round_key(stream.key(), r);                                        \
+        VEC hi0, lo0, hi1, lo1;                                                                 \
+        NAME##_mulhilo(c0, philox_detail::kMultiplier0, hi0, lo0);                                     \
+        NAME##_mulhilo(c2, philox_detail::kMultiplier1, hi1, lo1);                                     \
+        c0 = XOR(XOR(hi1, c1), SET1(static_cast<int>(rk.k0)));                                  \
+        c1 = lo1;                                                                               \
+        c2 = XOR(XOR(hi0, c3), SET1(static_cast<int>(rk.k1)));                                  \
+        c3 = lo0;                                                                               \
+      }                                                                                         \
+      const uint32_t keep[4] = {KEEP_MASK(c0, last), KEEP_MASK(c1, last), KEEP_MASK(c2, last),  \
+                                KEEP_MASK(c3, last)};                                           \
+      const uint64_t packed = interleave_keep_masks(keep);                                      \
+      std::memcpy(bits + b, &packed, kGroups / 2);                                              \
+    }                                                                                           \
+    return b;                                                                                   \
+  }
+
+#define FUSED_BN_AVX2_IOTA _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
+#define FUSED_BN_AVX2_BLEND_ODD(a, b) _mm256_blend_epi32(a, b, 0xAA)
+// Lanes with draw <= last: min(draw, last) == draw.
+#define FUSED_BN_AVX2_KEEP_MASK(d, last)                                    \
+  static_cast<uint32_t>(_mm256_movemask_ps(                                 \
+      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, last), d))))
+FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx2, "avx2", 8, __m256i, FUSED_BN_AVX2_IOTA,
+                           _mm256_set1_epi32, _mm256_add_epi32, _mm256_mul_epu32, _mm256_srli_epi64,
+                           _mm256_slli_epi64, FUSED_BN_AVX2_BLEND_ODD, _mm256_xor_si256,
+                           FUSED_BN_AVX2_KEEP_MASK)
+
+// GCC 12 takes the deliberately undefined pass-through operand inside
+// avx512fintrin.h's _mm512_mul_epu32 for an uninitialized variable.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FUSED_BN_AVX512_IOTA \
+  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+#define FUSED_BN_AVX512_BLEND_ODD(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
+#define FUSED_BN_AVX512_KEEP_MASK(d, last) static_cast<uint32_t>(_mm512_cmple_epu32_mask(d, last))
+FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx512, "avx512f", 16, __m512i, FUSED_BN_AVX512_IOTA,
+                           _mm512_set1_epi32, _mm512_add_epi32, _mm512_mul_epu32, _mm512_srli_epi64,
+                           _mm512_slli_epi64, FUSED_BN_AVX512_BLEND_ODD, _mm512_xor_si512,
+                           FUSED_BN_AVX512_KEEP_MASK)
+#pragma GCC diagnostic pop
+
+using KeepBytesSimd = int64_t (*)(const DropoutStream&, uint32_t, int64_t, int64_t, uint8_t*);
+
+// The widest SIMD variant this CPU runs, or null.
+KeepBytesSimd select_keep_bytes_simd() {
+  if (__builtin_cpu_supports("avx512f")) return keep_bytes_avx512;
+  if (__builtin_cpu_supports("avx2")) return keep_bytes_avx2;
+  return nullptr;
+}
+#endif
+
+// bits[b] = dropout_keep_byte(stream, rule, first_byte + b) for b < num_bytes.
+void fill_keep_bits(const DropoutStream& stream, const DropoutKeepRule& rule, int64_t first_byte,
+                    int64_t num_bytes, uint8_t* bits) {
+  if (!rule.keeps_any) {
+    std::memset(bits, 0, num_bytes);
+    return;
+  }
+  int64_t b = 0;
+#if FUSED_BN_X86_SIMD
+  static const KeepBytesSimd keep_bytes_simd = select_keep_bytes_simd();
+  if (keep_bytes_simd != nullptr) {
+    b = keep_bytes_simd(stream, rule.last_kept_draw, first_byte, num_bytes, bits);
+  }
+#endif
+  for (; b < num_bytes; ++b) bits[b] = dropout_keep_byte(stream, rule, first_byte + b);
+}
+
+// Row `byte` holds bit k of `byte` as 0 or 1 in column k: multiplying eight
+// elements by a row applies their mask byte in one vector operation.
+template <typename T>
+struct BitRows {
+  std::array<std::array<T, kDropoutElementsPerByte>, 256> rows;
+
+  BitRows() {
+    for (int byte = 0; byte < 256; ++byte) {
+      for (int k = 0; k < kDropoutElementsPerByte; ++k) rows[byte][k] = dropout_mask_bit(byte, k);
+    }
+  }
+};
+
+template <typename T>
+const BitRows<T>& bit_rows() {
+  static const BitRows<T> table;
+  return table;
+}
+
+// out[j] = x[j] * bit(j) * scale for j < n; x and out may alias exactly.
+template <typename scalar_t, typename opmath_t>
+inline void apply_bits_impl(const scalar_t* x, const uint8_t* bits, int64_t n, opmath_t scale,
+                            scalar_t* out) {
+  const auto& rows = bit_rows<opmath_t>().rows;
+  const int64_t full_bytes = n / kDropoutElementsPerByte;
+  for (int64_t b = 0; b < full_bytes; ++b) {
+    const auto& row = rows[bits[b]];
+    const int64_t first = b * kDropoutElementsPerByte;
+    // All eight loads before any store: valid in place and vectorizable.
+    opmath_t values[kDropoutElementsPerByte];
+    for (int k = 0; k < kDropoutElementsPerByte; ++k) values[k] = static_cast<opmath_t>(x[first + k]);
+    for (int k = 0; k < kDropoutElementsPerByte; ++k) {
+      out[first + k] = static_cast<scalar_t>(values[k] * (row[k] * scale));
+    }
+  }
+  for (int64_t j = full_bytes * kDropoutElementsPerByte; j < n; ++j) {
+    const opmath_t bit = dropout_mask_bit(bits[j / kDropoutElementsPerByte], j % kDropoutElementsPerByte);
+    out[j] = static_cast<scalar_t>(static_cast<opmath_t>(x[j]) * (bit * scale));
+  }
+}
+
+// Non-template entry points, one per dtype, so that each can be multiversioned.
+FUSED_BN_CPU_CLONES void apply_bits(const double* x, const uint8_t* bits, int64_t n, double scale,
+                                    double* out) {
+  apply_bits_impl(x, bits, n, scale, out);
+}
+FUSED_BN_CPU_CLONES void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale,
+                                    float* out) {
+  apply_bits_impl(x, bits, n, scale, out);
+}
+FUSED_BN_CPU_CLONES void apply_bits(const c10::Half* x, const uint8_t* bits, int64_t n, float scale,
+                                    c10::Half* out) {
+  apply_bits_impl(x, bits, n, scale, out);
+}
+FUSED_BN_CPU_CLONES void apply_bits(const c10::BFloat16* x, const uint8_t* bits, int64_t n,
+                                    float scale, c10::BFloat16* out) {
+  apply_bits_impl(x, bits, n, scale, out);
+}
+
+// Runs body(first_byte, num_bytes, first_element, num_elements) over chunks of
+// kChunkBytes mask bytes, in parallel. Chunks start at multiples of
+// kChunkBytes * 8 elements, so each mask byte and each SIMD block of Philox
+// groups belongs to one thread, whatever the thread count.
+template <typename Body>
+void for_each_chunk(int64_t numel, const Body& body) {
+  const int64_t num_bytes = dropout_mask_bytes(numel);
+  const int64_t num_chunks = (num_bytes + kChunkBytes - 1) / kChunkBytes;
+  at::parallel_for(0, num_chunks, kGrainBytes / kChunkBytes, [&](int64_t begin, int64_t end) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t byte = chunk * kChunkBytes;
+      const int64_t first = byte * kDropoutElementsPerByte;
+      const int64_t chunk_bytes = std::min(kChunkBytes, num_bytes - byte);
+      body(byte, chunk_bytes, first, std::min(chunk_bytes * kDropoutElementsPerByte, numel - first));
+    }
+  });
+}
+
+}  // namespace
+
+void dropout_kernel(const at::Tensor& input, const at::Tensor& output, uint8_t* mask_bits,
+                    const DropoutStream& stream, const DropoutKeepRule& rule, double scale) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dropout", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    for_each_chunk(input.numel(), [&](int64_t byte, int64_t num_bytes, int64_t first, int64_t n) {
+      uint8_t chunk_bits[kChunkBytes];
+      uint8_t* bits = mask_bits != nullptr ? mask_bits + byte : chunk_bits;
+      fill_keep_bits(stream, rule, byte, num_bytes, bits);
+      apply_bits(x + first, bits, n, static_cast<opmath_t>(scale), out + first);
+    });
+  });
+}
+
+void dropout_apply_mask_kernel(const at::Tensor& input, const uint8_t* mask_bits, double scale,
+                               const at::Tensor& output) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dropout", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const scalar_t* x = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    for_each_chunk(input.numel(), [&](int64_t byte, int64_t, int64_t first, int64_t n) {
+      apply_bits(x + first, mask_bits + byte, n, static_cast<opmath_t>(scale), out + first);
+    });
+  });
+}
+
+}  // namespace fused_bn::cpu
