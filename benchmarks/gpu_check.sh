@@ -6,10 +6,12 @@
 #
 # Steps (each time-limited; a failing step does not stop the next ones):
 #   build       the extension for this GPU's architecture (ptxas -v in build.log)
-#   tests       tests/test_cuda.py, slow cases included (test_cuda.log, test_cuda.xml)
+#   tests       tests/test_cuda.py and tests/test_dropout.py (CPU-vs-CUDA masks), slow
+#               cases included (test_cuda.log, test_cuda.xml)
 #   memcheck    compute-sanitizer memcheck on benchmarks/gpu_sanitize_case.py
 #   racecheck   compute-sanitizer racecheck on the same
-#   benchmark   python -m benchmarks --device cuda $FUSED_BN_BENCH_ARGS (benchmark.txt)
+#   benchmark   python -m benchmarks --device cuda $FUSED_BN_BENCH_ARGS (benchmark.txt,
+#               benchmark.md, benchmark.json; default: float32/bfloat16/float16)
 # OUT_DIR/summary.txt lists each step's status and duration; the exit status
 # is non-zero when any step failed.
 #
@@ -67,14 +69,16 @@ if ! step build 210 build.log env FUSED_BN_CUDA=1 FUSED_BN_PTXAS_VERBOSE=1 TORCH
 fi
 "$PY" .ci/ptxas_report.py "$OUT/build.log" >"$OUT/ptxas.txt" 2>&1 || failed=1
 
-step tests 120 test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -p no:cacheprovider \
+step tests 150 test_cuda.log "$PY" -m pytest tests/test_cuda.py tests/test_dropout.py -q -p no:cacheprovider \
   --junitxml="$OUT/test_cuda.xml"
 step memcheck 60 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
   "$PY" benchmarks/gpu_sanitize_case.py
 step racecheck 60 racecheck.log "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "$PY" benchmarks/gpu_sanitize_case.py
 # shellcheck disable=SC2086  # FUSED_BN_BENCH_ARGS is a list of arguments
-step benchmark 120 benchmark.txt "$PY" -m benchmarks --device cuda ${FUSED_BN_BENCH_ARGS:-}
+step benchmark 150 benchmark.txt "$PY" -m benchmarks --device cuda \
+  --json "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" \
+  ${FUSED_BN_BENCH_ARGS:---dtypes float32 bfloat16 float16}
 
 echo "gpu_check: results in $OUT"
 exit $failed
