@@ -358,9 +358,10 @@ def test_converted_model_pickles_and_deep_copies():
 
 def test_mlp_sequential_fuses_adjacent_children():
     torch.manual_seed(0)
-    original = mlp()
+    original = mlp(dropout=0.3)
     model, report = converted(original)
     assert fused_pairs(report) == {("1", "2"), ("5", "6")}
+    assert model[3].p == 0.3
     assert [type(m) for m in model] == [
         nn.Linear,
         fused_bn.BatchNormReLU1d,
@@ -378,7 +379,7 @@ def test_mlp_sequential_fuses_adjacent_children():
 def test_mlp_training_matches_float64():
     # p=0: fused_bn.Dropout draws its masks from its own Philox stream, so with p > 0
     # no seed makes them equal to nn.Dropout's; train-mode dropout is checked on its
-    # own (test_converted_dropout_drops_as_fused_bn_dropout and the statistics test).
+    # own (test_converted_dropout_drops_as_fused_bn_dropout, ..._train_statistics).
     torch.manual_seed(0)
     original = randomize_statistics(mlp(dropout=0.0)).double()
     model = convert_model(original)
