@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from . import modules as fused
+from .dropout import Dropout as FusedDropout
 
 __all__ = ["ConversionReport", "convert_model"]
 
@@ -90,7 +91,8 @@ def convert_model(model, *, inplace=False, dropout=True, return_report=False):
     Args:
         model: any ``nn.Module`` (a ``torch.jit.ScriptModule`` is not supported).
         inplace: convert ``model`` itself instead of a deep copy.
-        dropout: also replace ``nn.Dropout`` by ``fused_bn.Dropout``.
+        dropout: also replace every ``nn.Dropout`` by ``fused_bn.Dropout`` (exactly
+            that class: ``AlphaDropout``, ``Dropout1d/2d/3d`` and subclasses differ).
         return_report: return ``(model, ConversionReport)`` instead of the model.
 
     Parameters, buffers, train/eval mode, device, dtype and ``requires_grad``
@@ -249,9 +251,7 @@ def _fused_batch_norm(old, with_relu):
 
 
 def _fused_dropout(old):
-    from .dropout import Dropout  # the BN conversion does not need the dropout kernels
-
-    return Dropout(p=old.p, inplace=old.inplace).train(old.training)
+    return _take_over(FusedDropout(p=old.p, inplace=old.inplace), old)
 
 
 def _new_modules(model, fusions, report, dropout):
@@ -278,7 +278,8 @@ def _new_modules(model, fusions, report, dropout):
 
 def _swap_modules(model, replacements):
     for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
+        # _modules, not named_children(): that skips a child registered twice in one parent.
+        for name, child in list(parent._modules.items()):
             if id(child) in replacements:
                 setattr(parent, name, replacements[id(child)])
     return replacements.get(id(model), model)

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 
 import pytest
 import torch
@@ -233,7 +234,6 @@ def train_steps(model, inputs, steps=3):
     history = []
     for step in range(steps):
         optimizer.zero_grad()
-        torch.manual_seed(step)  # same dropout masks for both models
         output = model(inputs[step])
         (output * torch.linspace(-1, 1, output.numel()).view_as(output)).sum().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -358,14 +358,15 @@ def test_converted_model_pickles_and_deep_copies():
 
 def test_mlp_sequential_fuses_adjacent_children():
     torch.manual_seed(0)
-    original = mlp()
-    model, report = converted(original, dropout=False)
+    original = mlp(dropout=0.3)
+    model, report = converted(original)
     assert fused_pairs(report) == {("1", "2"), ("5", "6")}
+    assert model[3].p == 0.3
     assert [type(m) for m in model] == [
         nn.Linear,
         fused_bn.BatchNormReLU1d,
         nn.Identity,
-        nn.Dropout,
+        fused_bn.Dropout,
         nn.Linear,
         fused_bn.BatchNormReLU1d,
         nn.Identity,
@@ -376,9 +377,13 @@ def test_mlp_sequential_fuses_adjacent_children():
 
 
 def test_mlp_training_matches_float64():
+    # p=0: fused_bn.Dropout draws its masks from its own Philox stream, so with p > 0
+    # no seed makes them equal to nn.Dropout's; train-mode dropout is checked on its
+    # own (test_converted_dropout_drops_as_fused_bn_dropout, ..._train_statistics).
     torch.manual_seed(0)
-    original = randomize_statistics(mlp(dropout=0.3)).double()
-    model = convert_model(original, dropout=False)
+    original = randomize_statistics(mlp(dropout=0.0)).double()
+    model = convert_model(original)
+    assert type(model[3]) is fused_bn.Dropout and model[3].training
     inputs = torch.randn(4, 16, 12, dtype=torch.float64)
     assert_trains_like(original, model, inputs, steps=4, rtol=1e-9, atol=1e-10)
 
@@ -461,6 +466,8 @@ def test_shared_batch_norm_or_hooks_block_fusion():
     model, report = converted(shared)
     assert report.fused == []
     assert model[0] is model[2][0] and type(model[0]) is fused_bn.BatchNorm1d
+    model = convert_model(nn.Sequential(bn, nn.Linear(4, 4), bn))  # twice in one parent
+    assert model[0] is model[2] and type(model[0]) is fused_bn.BatchNorm1d
 
     hooked = nn.Sequential(nn.BatchNorm1d(4), nn.ReLU())
     seen = []
@@ -531,13 +538,110 @@ def test_copy_by_default_leaves_the_original_untouched():
 
 def test_inplace_keeps_parameter_objects_for_an_existing_optimizer():
     torch.manual_seed(0)
-    model = mlp()
+    model = mlp(dropout=0.3)
     parameters = list(model.parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    converted_model = convert_model(model, inplace=True, dropout=False)
+    converted_model = convert_model(model, inplace=True)
     assert converted_model is model and type(model[1]) is fused_bn.BatchNormReLU1d
+    assert type(model[3]) is fused_bn.Dropout
     assert list(model.parameters()) == parameters
     before = model[1].weight.detach().clone()
     model(torch.randn(8, 12)).sum().backward()
     optimizer.step()
     assert not torch.equal(model[1].weight, before)
+
+
+# ---- Dropout ----------------------------------------------------------------------
+
+
+class DropoutFlavours(nn.Module):
+    """Every dropout class; only the plain nn.Dropout ones are replaced."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain = nn.Dropout(0.3)
+        self.inplace = nn.Dropout(0.7, inplace=True)
+        self.alpha = nn.AlphaDropout(0.2)
+        self.feature_alpha = nn.FeatureAlphaDropout(0.2)
+        self.channels = nn.Dropout2d(0.2)
+        self.own = OwnDropout(0.2)
+        self.fused = fused_bn.Dropout(0.4, mask_mode="recompute")
+
+    def forward(self, x):
+        x = self.inplace(self.plain(x))
+        x = self.alpha(x) + self.feature_alpha(x) + self.channels(x)
+        return self.fused(self.own(x))
+
+
+class OwnDropout(nn.Dropout):
+    pass
+
+
+def test_only_plain_dropout_is_replaced_and_reported():
+    original = DropoutFlavours().eval()
+    model, report = converted(original)
+    assert [(r.name, r.old_type, r.new_type) for r in report.replaced] == [
+        ("plain", "Dropout", "Dropout"),
+        ("inplace", "Dropout", "Dropout"),
+    ]
+    assert "2 modules replaced" in str(report)
+    assert type(model.plain) is fused_bn.Dropout and type(model.inplace) is fused_bn.Dropout
+    for name in ("alpha", "feature_alpha", "channels", "own"):
+        assert type(getattr(model, name)) is type(getattr(original, name))
+    assert model.fused.mask_mode == "recompute" and model.fused.p == 0.4
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_dropout_options_and_mode_carry_over(training):
+    original = DropoutFlavours().train(training)
+    model = convert_model(original)
+    for name in ("plain", "inplace"):
+        old, new = getattr(original, name), getattr(model, name)
+        assert (new.p, new.inplace, new.training) == (old.p, old.inplace, training)
+        assert new.mask_mode == "bits"
+
+
+def test_dropout_false_leaves_dropout_alone():
+    original = mlp(dropout=0.3)
+    model, report = converted(original, dropout=False)
+    assert type(model[3]) is nn.Dropout and model[3].p == 0.3
+    assert "Dropout" not in {r.old_type for r in report.replaced}
+
+
+def test_dropout_hooks_and_sharing_carry_over():
+    shared = nn.Dropout(0.5)
+    seen = []
+    shared.register_forward_hook(lambda module, args, output: seen.append(type(module)))
+    model = convert_model(nn.Sequential(shared, nn.Linear(4, 4), shared))
+    assert model[0] is model[2] and type(model[0]) is fused_bn.Dropout
+    model(torch.randn(3, 4))
+    assert seen == [fused_bn.Dropout, fused_bn.Dropout]
+
+
+def test_eval_outputs_with_dropout_are_equal():
+    original = DropoutFlavours().eval()
+    model = convert_model(original)
+    assert_evaluates_like(original, model, torch.randn(4, 6, 5, 5), rtol=0, atol=0)
+
+
+def test_converted_dropout_drops_as_fused_bn_dropout():
+    model = convert_model(nn.Sequential(nn.Dropout(0.3)))
+    x = torch.randn(64, 33)
+    torch.manual_seed(5)
+    output = model(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(output, fused_bn.functional.dropout(x, 0.3), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.2, 0.5])
+def test_converted_dropout_train_statistics(p):
+    model = convert_model(nn.Sequential(nn.Dropout(p)))
+    n = 1 << 18
+    x = torch.randn(n, dtype=torch.float64, requires_grad=True)
+    output = model(x)
+    kept = output != 0
+    sigma = math.sqrt(n * p * (1 - p))
+    assert abs(kept.sum().item() - n * (1 - p)) < 5 * sigma
+    torch.testing.assert_close(output[kept], x[kept] / (1 - p), rtol=1e-15, atol=0)
+    output.backward(torch.ones_like(output))
+    torch.testing.assert_close(x.grad, kept.double() / (1 - p), rtol=1e-15, atol=0)
