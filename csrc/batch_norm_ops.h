@@ -59,6 +59,18 @@ struct BatchNormOps {
     return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input)));
   }
 
+  // The checks of the ops that take saved statistics (and a gradient, when
+  // grad_output is given).
+  static void check_stats_op(const char* op, const Tensor& input, const optional<Tensor>& weight,
+                             const optional<Tensor>& bias, const Tensor& mean,
+                             const Tensor& invstd, const Tensor* grad_output = nullptr) {
+    check_device(input, op);
+    check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
+    if (grad_output != nullptr) check_grad_output(*grad_output, input);
+    check_channel_stat(input, mean, "mean");
+    check_channel_stat(input, invstd, "invstd");
+  }
+
   // grad_output in the same memory layout as the prepared input.
   static Tensor grad_like_input(const Tensor& grad_output, const Prepared& p) {
     return grad_output.contiguous(output_memory_format(p.input));
@@ -104,11 +116,7 @@ struct BatchNormOps {
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool training,
       c10::string_view activation) {
-    check_device(input, "batch_norm_act_backward");
-    check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-    check_grad_output(grad_output, input);
-    check_channel_stat(input, mean, "mean");
-    check_channel_stat(input, invstd, "invstd");
+    check_stats_op("batch_norm_act_backward", input, weight, bias, mean, invstd, &grad_output);
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
@@ -144,10 +152,7 @@ struct BatchNormOps {
   static Tensor batch_norm_act_elemt(const Tensor& input, const optional<Tensor>& weight,
                                      const optional<Tensor>& bias, const Tensor& mean,
                                      const Tensor& invstd, c10::string_view activation) {
-    check_device(input, "batch_norm_act_elemt");
-    check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-    check_channel_stat(input, mean, "mean");
-    check_channel_stat(input, invstd, "invstd");
+    check_stats_op("batch_norm_act_elemt", input, weight, bias, mean, invstd);
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
@@ -161,11 +166,8 @@ struct BatchNormOps {
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
       c10::string_view activation) {
-    check_device(input, "batch_norm_act_backward_reduce");
-    check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-    check_grad_output(grad_output, input);
-    check_channel_stat(input, mean, "mean");
-    check_channel_stat(input, invstd, "invstd");
+    check_stats_op("batch_norm_act_backward_reduce", input, weight, bias, mean, invstd,
+                   &grad_output);
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
@@ -182,11 +184,7 @@ struct BatchNormOps {
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
       const Tensor& mean_dy, const Tensor& mean_dy_xmu, c10::string_view activation) {
-    check_device(input, "batch_norm_act_backward_elemt");
-    check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-    check_grad_output(grad_output, input);
-    check_channel_stat(input, mean, "mean");
-    check_channel_stat(input, invstd, "invstd");
+    check_stats_op("batch_norm_act_backward_elemt", input, weight, bias, mean, invstd, &grad_output);
     check_channel_stat(input, mean_dy, "mean_dy");
     check_channel_stat(input, mean_dy_xmu, "mean_dy_xmu");
     const Activation act = parse_activation(std::string(activation));
