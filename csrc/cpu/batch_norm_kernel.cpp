@@ -40,6 +40,11 @@
 #error "compile batch_norm_kernel.cpp once per ISA with CPU_CAPABILITY defined (see setup.py)"
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#define FUSED_BN_STREAMING_STORES 1
+#endif
+
 namespace fused_bn::cpu::CPU_CAPABILITY {
 namespace {
 
@@ -69,15 +74,14 @@ struct VecIO {
     if constexpr (std::is_same_v<scalar_t, acc_t>) {
       return count == kWidth ? Vec::loadu(p) : Vec::loadu(p, count);
     } else {
-      Vec out;
       if (count == kWidth) {
+        Vec out;
         at::vec::load_to_float(p, out);
         return out;
       }
-      scalar_t padded[kWidth] = {};
-      std::copy_n(p, count, padded);
-      at::vec::load_to_float(padded, out);
-      return out;
+      // A partial (masked where the ISA has it) load of the reduced type; its
+      // first kWidth elements hold the `count` loaded and zeros.
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(Vectorized<scalar_t>::loadu(p, count)));
     }
   }
 
@@ -89,6 +93,47 @@ struct VecIO {
     }
   }
 };
+
+// Outputs much larger than the caches are written with non-temporal stores
+// (float32, whole aligned vectors, AVX2/AVX512): their lines are not read
+// into the cache before being overwritten, which saves a pass over memory,
+// and they do not evict the inputs that an elementwise pass re-reads.
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+template <typename scalar_t>
+class OutputStore {
+ public:
+  explicit OutputStore(const ChannelView& v)
+      : stream_(std::is_same_v<scalar_t, float> &&
+                v.count() * v.channels * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingBytes) {}
+
+  template <typename Vec>
+  void operator()(scalar_t* p, const Vec& v, int64_t count) const {
+#ifdef FUSED_BN_STREAMING_STORES
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (stream_ && count == Vec::size() && reinterpret_cast<uintptr_t>(p) % sizeof(Vec) == 0) {
+#ifdef CPU_CAPABILITY_AVX512
+        _mm512_stream_ps(p, v);
+#else
+        _mm256_stream_ps(p, v);
+#endif
+        return;
+      }
+    }
+#endif
+    VecIO<scalar_t>::store(p, v, count);
+  }
+
+ private:
+  [[maybe_unused]] bool stream_;
+};
+
+// Makes a thread's non-temporal stores visible before its parallel task ends.
+inline void fence_streaming_stores() {
+#ifdef FUSED_BN_STREAMING_STORES
+  _mm_sfence();
+#endif
+}
 
 // Calls body(i, count) for vectors [i, i + count) covering [0, n).
 template <int64_t kWidth, typename Body>
@@ -258,6 +303,7 @@ void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
         finish(c, part.data());
         apply(c, Span{0, v.outer, 0, v.inner});
       }
+      fence_streaming_stores();
     });
     return;
   }
@@ -277,6 +323,7 @@ void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
       const int64_t n = p / v.channels;
       apply(p % v.channels, Span{n, n + 1, 0, v.inner});
     }
+    fence_streaming_stores();
   });
 }
 
@@ -286,6 +333,7 @@ void for_each_plane(const ChannelView& v, const Body& body) {
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.inner);
   at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) body(p % v.channels, p * v.inner);
+    fence_streaming_stores();
   });
 }
 
@@ -315,13 +363,13 @@ BlockStats block_stats(const scalar_t* x, const ChannelView& v, int64_t c, const
 }
 
 template <typename scalar_t, Activation act>
-void normalize_span(const scalar_t* x, scalar_t* y, int64_t n, ChannelAffine<at::opmath_type<scalar_t>> affine) {
+void normalize_span(const scalar_t* x, scalar_t* y, int64_t n,
+                    ChannelAffine<at::opmath_type<scalar_t>> affine, const OutputStore<scalar_t>& store) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift);
   for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
-    IO::store(y + i, activate_vec<act>(pre_activation(IO::load(x + i, count), scale, shift)),
-              count);
+    store(y + i, activate_vec<act>(pre_activation(IO::load(x + i, count), scale, shift)), count);
   });
 }
 
@@ -371,14 +419,15 @@ std::array<acc_t, 2> merge_blocks(const std::array<acc_t, 2>* part, int64_t bloc
 template <typename scalar_t, Activation act>
 void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
                      ChannelAffine<at::opmath_type<scalar_t>> affine,
-                     ChannelGradInput<at::opmath_type<scalar_t>> coef) {
+                     ChannelGradInput<at::opmath_type<scalar_t>> coef,
+                     const OutputStore<scalar_t>& store) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift), a(coef.a), b(coef.b), c(coef.c);
   for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
     const Vec xv = IO::load(x + i, count);
     const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
-    IO::store(dx + i, grad_input_vec(g, xv, a, b, c), count);
+    store(dx + i, grad_input_vec(g, xv, a, b, c), count);
   });
 }
 
@@ -435,6 +484,7 @@ void parallel_over_row_vecs(const ChannelView& v, const Body& body) {
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.channels);
   at::parallel_for(0, v.outer, grain, [&](int64_t begin, int64_t end) {
     for_each_row_vec<kWidth>(v, begin, end, body);
+    fence_streaming_stores();
   });
 }
 
@@ -497,10 +547,11 @@ void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
                     const PaddedChannels<at::opmath_type<scalar_t>>& p) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  const OutputStore<scalar_t> store(v);
   parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
     const Vec yv = pre_activation(IO::load(x + row + c, count), Vec::loadu(p.scale.data() + c),
                                   Vec::loadu(p.shift.data() + c));
-    IO::store(y + row + c, activate_vec<act>(yv), count);
+    store(y + row + c, activate_vec<act>(yv), count);
   });
 }
 
@@ -552,15 +603,16 @@ void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                      const PaddedChannels<at::opmath_type<scalar_t>>& p) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
+  const OutputStore<scalar_t> store(v);
   parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
     const Vec xv = IO::load(x + row + c, count);
     const Vec yv =
         pre_activation(xv, Vec::loadu(p.scale.data() + c), Vec::loadu(p.shift.data() + c));
     const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
-    IO::store(dx + row + c,
-              grad_input_vec(g, xv, Vec::loadu(p.a.data() + c), Vec::loadu(p.b.data() + c),
-                             Vec::loadu(p.c.data() + c)),
-              count);
+    store(dx + row + c,
+          grad_input_vec(g, xv, Vec::loadu(p.a.data() + c), Vec::loadu(p.b.data() + c),
+                         Vec::loadu(p.c.data() + c)),
+          count);
   });
 }
 
@@ -654,6 +706,7 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Channel
   }
   const int64_t blocks = ChannelBlocks(v).count;
   std::vector<ChannelGradInput<acc_t>> coef(v.channels);
+  const OutputStore<scalar_t> store(v);
   reduce_then_apply_per_channel<std::array<acc_t, 2>>(
       v,
       [&](int64_t c, const Span& span) {
@@ -669,7 +722,7 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Channel
         if (dx == nullptr) return;
         for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
           grad_input_span<scalar_t, act>(dy + offset, x + offset, dx + offset, length, affine[c],
-                                         coef[c]);
+                                         coef[c], store);
         });
       });
 }
@@ -720,6 +773,7 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
       }
       const int64_t blocks = ChannelBlocks(v).count;
       std::vector<ChannelAffine<acc_t>> affine(v.channels);
+      const OutputStore<scalar_t> store(v);
       reduce_then_apply_per_channel<BlockStats>(
           v, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
           [&](int64_t c, const BlockStats* part) {
@@ -730,7 +784,7 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
           },
           [&](int64_t c, const Span& span) {
             for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c]);
+              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c], store);
             });
           });
     });
@@ -752,8 +806,9 @@ void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::T
         return rows_normalize<scalar_t, kAct>(
             x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
       }
+      const OutputStore<scalar_t> store(v);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
-        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c]);
+        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], store);
       });
     });
   });
@@ -795,10 +850,11 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
           training ? mean_dy_xmu.const_data_ptr<acc_t>() : nullptr, acc_t(1),
           VecIO<scalar_t>::kWidth);
       if (v.inner == 1) return rows_grad_input<scalar_t, kAct>(dy, x, dx, v, coef);
+      const OutputStore<scalar_t> store(v);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
         grad_input_span<scalar_t, kAct>(dy + offset, x + offset, dx + offset, v.inner,
                                         {coef.scale[c], coef.shift[c]},
-                                        {coef.a[c], coef.b[c], coef.c[c]});
+                                        {coef.a[c], coef.b[c], coef.c[c]}, store);
       });
     });
   });
