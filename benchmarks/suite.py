@@ -125,9 +125,12 @@ def step_fn(module, x, grad, op):
     module.train(op.training)
     if op.backward:
         x = x.detach().requires_grad_()
+        # autograd.grad, not backward(): accumulating into x.grad would add three
+        # passes over the tensor to every implementation's step.
+        inputs = (x, *[p for p in module.parameters() if p.requires_grad])
 
         def step():
-            module(x).backward(grad)
+            torch.autograd.grad(module(x), inputs, grad)
 
         return step
 
