@@ -24,6 +24,11 @@ def bn_kind(shape):
     return {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
 
 
+def fused_class(kind, activation):
+    """fused_bn.BatchNormXd or BatchNormReLUXd for BatchNorm kind 1, 2 or 3."""
+    return (FUSED_BN_RELU if activation == "relu" else FUSED_BN)[kind]
+
+
 def make_pair(shape, activation, dtype=torch.float64, seed=0, **options):
     """A torch reference (BatchNormXd [+ ReLU]) and the fused module, with equal random
     parameters and running statistics."""
@@ -39,8 +44,7 @@ def make_pair(shape, activation, dtype=torch.float64, seed=0, **options):
         reference_bn.running_mean.uniform_(-0.2, 0.2)
         reference_bn.running_var.uniform_(0.5, 1.5)
     reference = nn.Sequential(reference_bn, nn.ReLU()) if activation == "relu" else reference_bn
-    fused_cls = (FUSED_BN_RELU if activation == "relu" else FUSED_BN)[kind]
-    fused = fused_cls(channels, **options)
+    fused = fused_class(kind, activation)(channels, **options)
     fused.load_state_dict(reference_bn.state_dict())
     return reference.to(dtype), fused.to(dtype)
 

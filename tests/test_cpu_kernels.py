@@ -18,6 +18,8 @@ from torch import nn
 
 import fused_bn
 
+from conftest import TORCH_BN, bn_kind, fused_class
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (output, grads) tolerance against float64 and against torch in the same dtype.
@@ -27,17 +29,6 @@ TOLERANCE = {
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
 }
 
-TORCH_BATCH_NORM = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-FUSED_BATCH_NORM = {
-    ("identity", 2): fused_bn.BatchNorm1d,
-    ("identity", 3): fused_bn.BatchNorm1d,
-    ("identity", 4): fused_bn.BatchNorm2d,
-    ("identity", 5): fused_bn.BatchNorm3d,
-    ("relu", 2): fused_bn.BatchNormReLU1d,
-    ("relu", 3): fused_bn.BatchNormReLU1d,
-    ("relu", 4): fused_bn.BatchNormReLU2d,
-    ("relu", 5): fused_bn.BatchNormReLU3d,
-}
 
 
 def in_layout(x, layout):
@@ -60,8 +51,9 @@ def layouts_for(shape):
 def make_modules(channels, dim, activation, dtype, training, seed):
     """The fused module and torch's nn.BatchNormXd (+ nn.ReLU), same parameters."""
     gen = torch.Generator().manual_seed(seed)
-    fused = FUSED_BATCH_NORM[(activation, dim)](channels)
-    reference = TORCH_BATCH_NORM[dim](channels)
+    kind = bn_kind((1,) * dim)
+    fused = fused_class(kind, activation)(channels)
+    reference = TORCH_BN[kind](channels)
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     for module in (fused, reference):
         module.to(param_dtype)

@@ -11,21 +11,14 @@ import fused_bn
 from fused_bn import functional as FB
 from fused_bn._ops import ops
 
+from conftest import TORCH_BN, bn_kind, fused_class
+
 pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
 ]
 
 DEVICE = "cuda"
-TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
-FUSED = {
-    ("identity", 1): fused_bn.BatchNorm1d,
-    ("identity", 2): fused_bn.BatchNorm2d,
-    ("identity", 3): fused_bn.BatchNorm3d,
-    ("relu", 1): fused_bn.BatchNormReLU1d,
-    ("relu", 2): fused_bn.BatchNormReLU2d,
-    ("relu", 3): fused_bn.BatchNormReLU3d,
-}
 # Against a float64 reference, per input dtype.
 TOLERANCE = {
     torch.float64: dict(atol=1e-10, rtol=1e-9),
@@ -37,10 +30,6 @@ DTYPES = list(TOLERANCE)
 # Planar with small and odd inner sizes, rows ((N, C)), several blocks per
 # channel, and C not a multiple of the 32-channel tile or the vector width.
 SHAPES = [(16, 24), (4, 8, 13), (4, 16, 8, 8), (3, 35, 7, 7), (2, 8, 3, 4, 5), (64, 3, 16, 16)]
-
-
-def bn_dims(shape):
-    return {2: 1, 3: 1, 4: 2, 5: 3}[len(shape)]
 
 
 def layouts(shape):
@@ -63,7 +52,7 @@ def make_input(shape, layout, dtype, seed=1, device=DEVICE):
 def make_modules(shape, activation, dtype, param_dtype=None):
     """A float64 torch reference (BatchNormXd [+ ReLU]) and the fused module in
     `param_dtype` (default: dtype), with equal random parameters and buffers."""
-    dims, channels = bn_dims(shape), shape[1]
+    dims, channels = bn_kind(shape), shape[1]
     torch.manual_seed(0)
     bn = TORCH_BN[dims](channels)
     with torch.no_grad():
@@ -71,7 +60,7 @@ def make_modules(shape, activation, dtype, param_dtype=None):
         bn.bias.uniform_(-0.5, 0.5)
         bn.running_mean.uniform_(-0.2, 0.2)
         bn.running_var.uniform_(0.5, 1.5)
-    fused = FUSED[(activation, dims)](channels)
+    fused = fused_class(dims, activation)(channels)
     fused.load_state_dict(bn.state_dict())
     reference = nn.Sequential(bn, nn.ReLU()) if activation == "relu" else bn
     return reference.to(DEVICE, torch.float64), fused.to(DEVICE, param_dtype or dtype)
