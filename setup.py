@@ -127,6 +127,16 @@ class BuildExtension(cpp_extension.BuildExtension):
         super().build_extension(ext)
 
 
+def openmp_flags():
+    """at::parallel_for is an inline template over `#pragma omp parallel`: without
+    -fopenmp it compiles to a serial loop. Compile with OpenMP when torch itself uses
+    it, and do not link an OpenMP runtime: the GOMP symbols resolve to the one torch
+    loads (libtorch_cpu's libgomp), so there is a single thread pool per process."""
+    if not torch._C.has_openmp or sys.platform != "linux":
+        return []
+    return ["-fopenmp"]
+
+
 def extension():
     with_cuda, reason = want_cuda()
     version = read_version()
@@ -134,6 +144,7 @@ def extension():
     sources = [s for s in sources if s not in CPU_ISA_SOURCES]  # see BuildExtension
     define_macros = [("FUSED_BN_VERSION", f'"{version}"')]
     cxx_flags = ["-O3", "-fvisibility=hidden", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+    cxx_flags += openmp_flags()
     include_dirs = [os.path.join(ROOT, "csrc"), os.path.join(ROOT, "csrc", "include")]
     extra = {"cxx": cxx_flags}
     builder = cpp_extension.CppExtension

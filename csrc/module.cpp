@@ -28,6 +28,12 @@ pybind11::dict build_info() {
     compiled.append(fused_bn::cpu::cpu_capability_name(capability));
   info["cpu_capabilities"] = compiled;
   info["cpu_capability"] = fused_bn::cpu::cpu_capability_name(fused_bn::cpu::cpu_capability());
+  // Without OpenMP, at::parallel_for runs every CPU kernel on one thread.
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
   return info;
 }
 
@@ -37,5 +43,6 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fused_bn native extension: registers the torch.ops.fused_bn operators";
   m.def("build_info", &build_info,
         "Version, the torch it was built against, whether CUDA kernels were compiled and for "
-        "which architectures, the CPU instruction sets compiled and the one in use.");
+        "which architectures, the CPU instruction sets compiled and the one in use, and whether the "
+        "CPU kernels run multi-threaded (OpenMP).");
 }
