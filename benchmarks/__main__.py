@@ -18,7 +18,7 @@ import torch
 
 import fused_bn
 
-from . import suite
+from . import allocator, suite
 
 COLUMNS = [  # (row key, header, format)
     ("op", "op", "{}"),
@@ -26,6 +26,7 @@ COLUMNS = [  # (row key, header, format)
     ("dtype", "dtype", "{}"),
     ("layout", "layout", "{}"),
     ("device", "device", "{}"),
+    ("copy_ms", "copy ms", "{:.3f}"),
     ("fused_ms", "fused ms", "{:.3f}"),
     ("eager_ms", "eager ms", "{:.3f}"),
     ("compile_ms", "compile ms", "{:.3f}"),
@@ -58,6 +59,9 @@ def parse_args(argv):
                              "(default: bn_relu_fwd_bwd; compiling takes seconds per row)")
     parser.add_argument("--min-run-time", type=float, default=0.2,
                         help="seconds of timed runs per measurement (default 0.2)")
+    parser.add_argument("--malloc", choices=allocator.MODES, default="steady",
+                        help="steady (default): freed blocks are reused instead of being page-faulted "
+                             "back in on every call; default: glibc's own settings (see benchmarks/allocator.py)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, short timing")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
@@ -130,8 +134,7 @@ def summary(rows):
     return "\n".join(lines)
 
 
-def write_markdown(path, rows, info, copy_gbs, command):
-    bandwidth = ", ".join(f"{d}: {gbs:.1f} GB/s" for d, gbs in copy_gbs.items())
+def write_markdown(path, rows, info, command):
     text = "\n".join([
         "# fused_bn microbenchmark",
         "",
@@ -142,9 +145,10 @@ def write_markdown(path, rows, info, copy_gbs, command):
         + f"; torch {info['torch']}; fused_bn {info['fused_bn']['version']} "
         f"(CPU kernels: {info['fused_bn']['cpu_capability']}); {info['date']}.",
         "",
-        f"Copy bandwidth (read + write): {bandwidth}. Times are medians "
-        "(torch.utils.benchmark); GB/s counts the minimum bytes the op must move "
-        "(forward: read x, write y; backward: read x and grad, write grad_input).",
+        f"Memory allocator: {info['malloc']}. Times are medians (torch.utils.benchmark). "
+        "GB/s counts the minimum bytes the op must move (forward: read x, write y; "
+        "backward: read x and grad, write grad_input); % copy BW compares it with a "
+        "copy of the same tensor (`copy ms`, read + write) timed in the same run.",
         "",
         table(rows, markdown=True),
         "",
@@ -181,18 +185,20 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     info = machine()
+    info["malloc"] = allocator.configure(args.malloc)
     print(f"{info['cpu']}, {info['cores']} threads, torch {info['torch']}, "
-          f"fused_bn CPU kernels: {info['fused_bn']['cpu_capability']}", file=sys.stderr)
-    rows, copy_gbs = suite.run(args)
+          f"fused_bn CPU kernels: {info['fused_bn']['cpu_capability']}; {info['malloc']}",
+          file=sys.stderr)
+    rows = suite.run(args)
     print(table(rows, markdown=False))
     print(summary(rows))
     command = "python -m benchmarks" + "".join(f" {a}" for a in argv)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"command": command, "machine": info, "copy_GBps": copy_gbs, "rows": rows}, f,
+            json.dump({"command": command, "machine": info, "rows": rows}, f,
                       indent=1)
     if args.markdown:
-        write_markdown(args.markdown, rows, info, copy_gbs, command)
+        write_markdown(args.markdown, rows, info, command)
     if args.plot:
         plot(args.plot, rows)
 
