@@ -203,9 +203,53 @@ FUSED_BN_CPU_CLONES void apply_bits(const double* x, const uint8_t* bits, int64_
                                     double* out) {
   apply_bits_impl(x, bits, n, scale, out);
 }
-FUSED_BN_CPU_CLONES void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale,
-                                    float* out) {
-  apply_bits_impl(x, bits, n, scale, out);
+#if FUSED_BN_X86_SIMD
+// apply_bits for float32, a vector of elements per step: the mask bits pick
+// scale or 0 per lane and x is multiplied by it, as in apply_bits_impl (so
+// NaN stays NaN and a dropped -x gives -0). Returns the elements done.
+__attribute__((target("avx512f"))) int64_t apply_bits_avx512(const float* x, const uint8_t* bits,
+                                                             int64_t n, float scale, float* out) {
+  const __m512 scale_vec = _mm512_set1_ps(scale);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    uint16_t keep;  // bit k: element i + k
+    std::memcpy(&keep, bits + i / kDropoutElementsPerByte, sizeof(keep));
+    const __m512 factor = _mm512_maskz_mov_ps(keep, scale_vec);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), factor));
+  }
+  return i;
+}
+
+__attribute__((target("avx2"))) int64_t apply_bits_avx2(const float* x, const uint8_t* bits,
+                                                        int64_t n, float scale, float* out) {
+  const __m256 scale_vec = _mm256_set1_ps(scale);
+  const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i byte = _mm256_set1_epi32(bits[i / kDropoutElementsPerByte]);
+    const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
+    const __m256 factor = _mm256_and_ps(_mm256_castsi256_ps(keep), scale_vec);
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), factor));
+  }
+  return i;
+}
+
+using ApplyBitsSimd = int64_t (*)(const float*, const uint8_t*, int64_t, float, float*);
+
+ApplyBitsSimd select_apply_bits_simd() {
+  if (__builtin_cpu_supports("avx512f")) return apply_bits_avx512;
+  if (__builtin_cpu_supports("avx2")) return apply_bits_avx2;
+  return nullptr;
+}
+#endif
+
+void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale, float* out) {
+  int64_t done = 0;  // a multiple of kDropoutElementsPerByte
+#if FUSED_BN_X86_SIMD
+  static const ApplyBitsSimd apply_bits_simd = select_apply_bits_simd();
+  if (apply_bits_simd != nullptr) done = apply_bits_simd(x, bits, n, scale, out);
+#endif
+  apply_bits_impl(x + done, bits + done / kDropoutElementsPerByte, n - done, scale, out + done);
 }
 FUSED_BN_CPU_CLONES void apply_bits(const c10::Half* x, const uint8_t* bits, int64_t n, float scale,
                                     c10::Half* out) {
