@@ -34,8 +34,13 @@ namespace {
 
 // A chunk's mask bytes and data stay in L1 between generating and applying.
 constexpr int64_t kChunkBytes = 256;
-// The SIMD blocks (up to 8 mask bytes) must not straddle chunks.
-static_assert(kChunkBytes % 8 == 0, "chunks hold whole SIMD blocks of Philox groups");
+// Independent vectors of Philox groups in flight per SIMD step: the ten
+// rounds are one dependency chain, so interleaving chains keeps the
+// multipliers busy.
+constexpr int kSimdChains = 4;
+// A SIMD step covers kSimdChains vectors of up to 16 groups (8 mask bytes
+// each) and must not straddle chunks.
+static_assert(kChunkBytes % (8 * kSimdChains) == 0, "chunks hold whole SIMD steps");
 // Mask bytes (x 8 elements) a parallel task should at least cover.
 constexpr int64_t kGrainBytes = 2048;
 
@@ -58,8 +63,8 @@ inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
 }
 
 #if FUSED_BN_X86_SIMD
-// fill_keep_bits for whole blocks of kGroups Philox groups (kGroups / 2 mask
-// bytes), kGroups lanes at a time: philox_detail::round on vectors, where the
+// fill_keep_bits for whole steps of kSimdChains * kGroups Philox groups,
+// kGroups lanes per vector: philox_detail::round on vectors, where the
 // 32x32->64-bit products of even and odd lanes are taken separately and their
 // words re-interleaved. Instantiated for AVX2 (8 lanes) and AVX-512 (16 lanes)
 // with the intrinsics of each; returns the number of bytes written.
@@ -76,31 +81,40 @@ inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
                                                int64_t first_byte, int64_t num_bytes,           \
                                                uint8_t* bits) {                                 \
     constexpr int kGroups = GROUPS;                                                             \
+    constexpr int64_t kBytesPerVec = kGroups / 2;                                               \
     const VEC last = SET1(static_cast<int>(last_kept));                                         \
     const VEC lanes = IOTA;                                                                     \
     int64_t b = 0;                                                                              \
-    for (; b + kGroups / 2 <= num_bytes; b += kGroups / 2) {                                    \
-      /* The first group is a multiple of kGroups: adding the lane to the */                     \
-      /* counter's low word never carries into the high word. */                                \
+    for (; b + kSimdChains * kBytesPerVec <= num_bytes; b += kSimdChains * kBytesPerVec) {      \
+      /* The first group is a multiple of kSimdChains * kGroups: adding the */                  \
+      /* lane to the counter's low word never carries into the high word. */                    \
       const PhiloxWords first = stream.counter(2 * static_cast<uint64_t>(first_byte + b));      \
-      VEC c0 = ADD(SET1(static_cast<int>(first.x[0])), lanes);                                   \
-      VEC c1 = SET1(static_cast<int>(first.x[1]));                                              \
-      VEC c2 = SET1(static_cast<int>(first.x[2]));                                              \
-      VEC c3 = SET1(static_cast<int>(first.x[3]));                                              \
+      VEC c0[kSimdChains], c1[kSimdChains], c2[kSimdChains], c3[kSimdChains];                   \
+      for (int k = 0; k < kSimdChains; ++k) {                                                   \
+        c0[k] = ADD(SET1(static_cast<int>(first.x[0] + k * kGroups)), lanes);                   \
+        c1[k] = SET1(static_cast<int>(first.x[1]));                                             \
+        c2[k] = SET1(static_cast<int>(first.x[2]));                                             \
+        c3[k] = SET1(static_cast<int>(first.x[3]));                                             \
+      }                                                                                         \
       for (uint32_t r = 0; r < philox_detail::kRounds; ++r) {                                   \
         const PhiloxKey rk = round_key(stream.key(), r);                                        \
-        VEC hi0, lo0, hi1, lo1;                                                                 \
-        NAME##_mulhilo(c0, philox_detail::kMultiplier0, hi0, lo0);                                     \
-        NAME##_mulhilo(c2, philox_detail::kMultiplier1, hi1, lo1);                                     \
-        c0 = XOR(XOR(hi1, c1), SET1(static_cast<int>(rk.k0)));                                  \
-        c1 = lo1;                                                                               \
-        c2 = XOR(XOR(hi0, c3), SET1(static_cast<int>(rk.k1)));                                  \
-        c3 = lo0;                                                                               \
+        const VEC k0 = SET1(static_cast<int>(rk.k0)), k1 = SET1(static_cast<int>(rk.k1));       \
+        for (int k = 0; k < kSimdChains; ++k) {                                                 \
+          VEC hi0, lo0, hi1, lo1;                                                               \
+          NAME##_mulhilo(c0[k], philox_detail::kMultiplier0, hi0, lo0);                         \
+          NAME##_mulhilo(c2[k], philox_detail::kMultiplier1, hi1, lo1);                         \
+          c0[k] = XOR(XOR(hi1, c1[k]), k0);                                                     \
+          c1[k] = lo1;                                                                          \
+          c2[k] = XOR(XOR(hi0, c3[k]), k1);                                                     \
+          c3[k] = lo0;                                                                          \
+        }                                                                                       \
       }                                                                                         \
-      const uint32_t keep[4] = {KEEP_MASK(c0, last), KEEP_MASK(c1, last), KEEP_MASK(c2, last),  \
-                                KEEP_MASK(c3, last)};                                           \
-      const uint64_t packed = interleave_keep_masks(keep);                                      \
-      std::memcpy(bits + b, &packed, kGroups / 2);                                              \
+      for (int k = 0; k < kSimdChains; ++k) {                                                   \
+        const uint32_t keep[4] = {KEEP_MASK(c0[k], last), KEEP_MASK(c1[k], last),               \
+                                  KEEP_MASK(c2[k], last), KEEP_MASK(c3[k], last)};              \
+        const uint64_t packed = interleave_keep_masks(keep);                                    \
+        std::memcpy(bits + b + k * kBytesPerVec, &packed, kBytesPerVec);                        \
+      }                                                                                         \
     }                                                                                           \
     return b;                                                                                   \
   }
