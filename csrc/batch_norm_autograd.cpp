@@ -10,6 +10,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <string>
 #include <tuple>
 
@@ -51,6 +52,15 @@ TensorTriple batch_norm_act_backward_op(const Tensor& grad_output, const Tensor&
                               const c10::optional<Tensor>&, const Tensor&, const Tensor&, bool,
                               c10::string_view)>();
   return op.call(grad_output, input, weight, bias, mean, invstd, training, activation);
+}
+
+TensorTriple batch_norm_act_backward_below_autograd(
+    const Tensor& grad_output, const Tensor& input, const c10::optional<Tensor>& weight,
+    const c10::optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool training,
+    c10::string_view activation) {
+  const at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return batch_norm_act_backward_op(grad_output, input, weight, bias, mean, invstd, training,
+                                    activation);
 }
 
 c10::optional<Tensor> optional_if_defined(const Tensor& t) {
@@ -109,8 +119,7 @@ class BatchNormActBackwardFunction
                                const Tensor& input, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, const Tensor& mean,
                                const Tensor& invstd, bool training, c10::string_view activation) {
-    const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [grad_input, grad_weight, grad_bias] = batch_norm_act_backward_op(
+    auto [grad_input, grad_weight, grad_bias] = batch_norm_act_backward_below_autograd(
         grad_output, input, weight, bias, mean, invstd, training, activation);
     return {grad_input, grad_weight, grad_bias};
   }
@@ -132,11 +141,27 @@ TensorTriple batch_norm_act_autograd(const Tensor& input, const c10::optional<Te
   return {out[0], out[1], out[2]};
 }
 
+// Whether autograd has anything to record for a call on these tensors: a
+// gradient (grad mode on and one of them requires it) or a forward-mode tangent.
+bool autograd_records(std::initializer_list<c10::optional<Tensor>> tensors) {
+  const bool grad_mode = at::GradMode::is_enabled();
+  for (const c10::optional<Tensor>& t : tensors) {
+    if (!t.has_value() || !t->defined()) continue;
+    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
+  }
+  return false;
+}
+
 TensorTriple batch_norm_act_backward_autograd(const Tensor& grad_output, const Tensor& input,
                                               const c10::optional<Tensor>& weight,
                                               const c10::optional<Tensor>& bias,
                                               const Tensor& mean, const Tensor& invstd,
                                               bool training, c10::string_view activation) {
+  // The usual backward (no create_graph) records nothing: skip building a node.
+  if (!autograd_records({grad_output, input, weight, bias, mean, invstd})) {
+    return batch_norm_act_backward_below_autograd(grad_output, input, weight, bias, mean, invstd,
+                                                  training, activation);
+  }
   variable_list out = BatchNormActBackwardFunction::apply(grad_output, input, weight, bias, mean,
                                                           invstd, training, activation);
   return {out[0], out[1], out[2]};

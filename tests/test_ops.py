@@ -153,6 +153,15 @@ def test_double_backward_raises(affine):
         torch.autograd.grad(first_order[0].sum(), wanted)
 
 
+def test_forward_mode_ad_raises():
+    # Not implemented: a clear error rather than an output without its tangent.
+    x = layout_input((4, 3, 5), "contiguous", torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            ops.batch_norm_act(dual, None, None, None, None, True, 1e-5, "relu")
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
