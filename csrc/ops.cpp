@@ -1,7 +1,8 @@
 // The schemas of every fused_bn operator, in one place.
 //
 // Backends register kernels in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake (meta)
-// kernels and autograd formulas are registered from Python (fused_bn/_ops.py).
+// kernels and the Dropout autograd formulas are registered from Python
+// (fused_bn/_ops.py), batch_norm_act's autograd in csrc/batch_norm_autograd.cpp.
 //
 // Conventions shared by the BatchNorm ops:
 //   * `activation` is "identity" or "relu" (see include/fused_bn/activation.h).

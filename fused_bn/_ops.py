@@ -1,5 +1,6 @@
 """Loads the native extension and registers, for each fused_bn operator, its
-fake (meta) kernel for torch.compile/torch.export and its autograd formula.
+fake (meta) kernel for torch.compile/torch.export and, for Dropout, its
+autograd formula (batch_norm_act's is in csrc/batch_norm_autograd.cpp).
 
 The operator schemas live in csrc/ops.cpp; the kernels in csrc/cpu and csrc/cuda.
 """
@@ -87,43 +88,8 @@ def _(grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, acti
 
 
 # ---- autograd -----------------------------------------------------------------
-# Saved for backward: the input and the per-channel statistics (plus the
-# parameters, which are alive anyway). The activation mask is recomputed from
-# them, so the output is not kept.
-
-
-def _batch_norm_act_setup_context(ctx, inputs, output):
-    input, weight, bias, _running_mean, _running_var, training, _eps, activation = inputs
-    _out, mean, invstd = output
-    ctx.save_for_backward(input, weight, bias, mean, invstd)
-    ctx.training = training
-    ctx.activation = activation
-    ctx.mark_non_differentiable(mean, invstd)
-
-
-def _batch_norm_act_backward(ctx, grad_output, _grad_mean, _grad_invstd):
-    input, weight, bias, mean, invstd = ctx.saved_tensors
-    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(
-        grad_output, input, weight, bias, mean, invstd, ctx.training, ctx.activation
-    )
-    needs = ctx.needs_input_grad
-    return (
-        grad_input if needs[0] else None,
-        grad_weight if needs[1] else None,
-        grad_bias if needs[2] else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "fused_bn::batch_norm_act",
-    _batch_norm_act_backward,
-    setup_context=_batch_norm_act_setup_context,
-)
+# batch_norm_act's autograd formula is C++ (csrc/batch_norm_autograd.cpp), which
+# keeps Python out of every differentiable call; Dropout's is registered below.
 
 
 # ---- Dropout ------------------------------------------------------------------

@@ -126,6 +126,42 @@ def test_gradcheck(shape, layout, affine, training, activation):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("requires_grad", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+def test_grads_of_the_inputs_that_require_them(requires_grad):
+    x = layout_input((5, 3, 4), "contiguous", torch.float64)
+    weight, bias = channel_params(3)
+    inputs = [t.requires_grad_(needed) for t, needed in zip((x, weight, bias), requires_grad)]
+    wanted = [t for t in inputs if t.requires_grad]
+    dy = layout_input((5, 3, 4), "contiguous", torch.float64, seed=3)
+    y, _, _ = ops.batch_norm_act(*inputs, None, None, True, 1e-5, "relu")
+    reference = torch.relu(nn.functional.batch_norm(x, None, None, weight, bias, training=True))
+    for grad, expected in zip(torch.autograd.grad(y, wanted, dy), torch.autograd.grad(reference, wanted, dy)):
+        torch.testing.assert_close(grad, expected)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward_raises(affine):
+    x = layout_input((4, 3, 5), "contiguous", torch.float64).requires_grad_()
+    params = [p.requires_grad_() for p in channel_params(3)] if affine else [None, None]
+    y, _, _ = ops.batch_norm_act(x, *params, None, None, True, 1e-5, "relu")
+    dy = torch.randn_like(y)
+    wanted = [x, *params] if affine else [x]
+    first_order = torch.autograd.grad(y, wanted, dy, create_graph=True)
+    for grad, expected in zip(first_order, torch.autograd.grad(y, wanted, dy, retain_graph=True)):
+        torch.testing.assert_close(grad, expected)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(first_order[0].sum(), wanted)
+
+
+def test_forward_mode_ad_raises():
+    # Not implemented: a clear error rather than an output without its tangent.
+    x = layout_input((4, 3, 5), "contiguous", torch.float64)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
+        with pytest.raises(RuntimeError, match="jvp"):
+            ops.batch_norm_act(dual, None, None, None, None, True, 1e-5, "relu")
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
