@@ -471,10 +471,17 @@ PaddedChannels<acc_t> padded_affine(const ChannelAffine<acc_t>* affine, int64_t 
 
 // body(row pointer offset, c, count) over the channel vectors of rows
 // [r0, r1), channel vectors innermost.
+//
+// The vector stores (may_alias types) could overwrite anything the loop reads
+// through memory, so the loop works on a local copy of `body`: a body that
+// captures its pointers by value then keeps them in registers instead of
+// reloading them after every store.
 template <int64_t kWidth, typename Body>
 inline void for_each_row_vec(const ChannelView& v, int64_t r0, int64_t r1, const Body& body) {
+  const Body local_body = body;
+  const int64_t channels = v.channels;
   for (int64_t r = r0; r < r1; ++r) {
-    for_each_vec<kWidth>(v.channels, [&](int64_t c, int64_t count) { body(r * v.channels, c, count); });
+    for_each_vec<kWidth>(channels, [&](int64_t c, int64_t count) { local_body(r * channels, c, count); });
   }
 }
 
@@ -486,6 +493,64 @@ void parallel_over_row_vecs(const ChannelView& v, const Body& body) {
     for_each_row_vec<kWidth>(v, begin, end, body);
     fence_streaming_stores();
   });
+}
+
+// Channel vectors summed over rows in registers: the channels-last
+// counterpart of VecSums. Accumulating into per-channel arrays instead would
+// put a store and a reload of the same address on every row (and, with rows
+// a multiple of 4 KiB apart, loads that falsely alias those stores).
+constexpr int kRowBlockVecs = 4;
+
+template <typename Vec, int kTerms>
+using RowBlockSums = std::array<std::array<Vec, kTerms>, kRowBlockVecs>;
+
+// For the channel vectors j < kRowBlockVecs starting at channel c0 (the block
+// may end early, its last vector may be partial): the sums over rows [r0, r1)
+// of terms(row offset, j, c, count), which must be 0 in lanes >= count. Rows
+// are added in order, so the sums do not depend on the thread count.
+template <typename Vec, int kTerms, typename TermsAt>
+RowBlockSums<Vec, kTerms> sum_over_rows(const ChannelView& v, int64_t r0, int64_t r1, int64_t c0,
+                                        const TermsAt& terms) {
+  constexpr int64_t W = Vec::size();
+  RowBlockSums<Vec, kTerms> acc;
+  for (auto& sums : acc) sums.fill(Vec(0));
+  const auto add = [&](int64_t r, int j, int64_t count) {
+    const auto t = terms(r * v.channels, j, c0 + j * W, count);
+    for (int k = 0; k < kTerms; ++k) acc[j][k] = acc[j][k] + t[k];
+  };
+  if (c0 + kRowBlockVecs * W <= v.channels) {  // whole vectors: the loop the compiler unrolls
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int j = 0; j < kRowBlockVecs; ++j) add(r, j, W);
+    }
+    return acc;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int j = 0; j < kRowBlockVecs && c0 + j * W < v.channels; ++j) {
+      add(r, j, std::min(W, v.channels - c0 - j * W));
+    }
+  }
+  return acc;
+}
+
+// v[j] = load(p + c0 + j * W) for the vectors of the block at c0 that lie in
+// the padded per-channel array p of `padded` elements, 0 beyond.
+template <typename Vec>
+std::array<Vec, kRowBlockVecs> load_block(const typename Vec::value_type* p, int64_t c0,
+                                          int64_t padded) {
+  std::array<Vec, kRowBlockVecs> out;
+  for (int j = 0; j < kRowBlockVecs; ++j) {
+    const int64_t c = c0 + j * Vec::size();
+    out[j] = c < padded ? Vec::loadu(p + c) : Vec(0);
+  }
+  return out;
+}
+
+// vec_at(j) stored at p + c0 + j * W where that lies in the padded array.
+template <typename Vec, typename VecAt>
+void store_block(typename Vec::value_type* p, int64_t c0, int64_t padded, const VecAt& vec_at) {
+  for (int j = 0; j < kRowBlockVecs && c0 + j * Vec::size() < padded; ++j) {
+    vec_at(j).store(p + c0 + j * Vec::size());
+  }
 }
 
 // Per-channel mean and m2 (written to C elements).
@@ -503,24 +568,31 @@ void rows_stats(const scalar_t* x, const ChannelView& v, at::opmath_type<scalar_
     std::vector<acc_t> shift(Cp), sum_d(Cp), sum_d2(Cp);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = chunks.begin(k), r1 = chunks.end(k, v);
-      std::fill(shift.begin(), shift.end(), acc_t(0));
-      std::fill(sum_d.begin(), sum_d.end(), acc_t(0));
-      std::fill(sum_d2.begin(), sum_d2.end(), acc_t(0));
-      for_each_row_vec<W>(v, r0, r1, [&](int64_t row, int64_t c, int64_t count) {
-        (Vec::loadu(shift.data() + c) + IO::load(x + row + c, count)).store(shift.data() + c);
-      });
       const Vec rows(static_cast<acc_t>(r1 - r0));
-      for (int64_t c = 0; c < Cp; c += W) (Vec::loadu(shift.data() + c) / rows).store(shift.data() + c);
-      for_each_row_vec<W>(v, r0, r1, [&](int64_t row, int64_t c, int64_t count) {
-        // padded lanes: x = 0 and shift = 0, so d = 0
-        const Vec d = IO::load(x + row + c, count) - Vec::loadu(shift.data() + c);
-        (Vec::loadu(sum_d.data() + c) + d).store(sum_d.data() + c);
-        at::vec::fmadd(d, d, Vec::loadu(sum_d2.data() + c)).store(sum_d2.data() + c);
-      });
+      for (int64_t c0 = 0; c0 < C; c0 += kRowBlockVecs * W) {
+        const auto sums = sum_over_rows<Vec, 1>(
+            v, r0, r1, c0, [&](int64_t row, int, int64_t c, int64_t count) {
+              return std::array<Vec, 1>{IO::load(x + row + c, count)};
+            });
+        std::array<Vec, kRowBlockVecs> block_shift;
+        for (int j = 0; j < kRowBlockVecs; ++j) block_shift[j] = sums[j][0] / rows;
+        const auto dev = sum_over_rows<Vec, 2>(
+            v, r0, r1, c0, [&](int64_t row, int j, int64_t c, int64_t count) {
+              // lanes >= count: x loads as 0 and their shift is 0, so d = 0
+              const Vec d = IO::load(x + row + c, count) - block_shift[j];
+              return std::array<Vec, 2>{d, d * d};
+            });
+        store_block<Vec>(shift.data(), c0, Cp, [&](int j) { return block_shift[j]; });
+        store_block<Vec>(sum_d.data(), c0, Cp, [&](int j) { return dev[j][0]; });
+        store_block<Vec>(sum_d2.data(), c0, Cp, [&](int j) { return dev[j][1]; });
+      }
+      // shifted_moments for all channels at once: one reciprocal, so that
+      // the loop vectorizes instead of dividing per channel.
+      const double inv_rows = 1.0 / static_cast<double>(r1 - r0);
       for (int64_t c = 0; c < C; ++c) {
-        const auto stats = shifted_moments(r1 - r0, shift[c], sum_d[c], sum_d2[c]);
-        part_mean[k * C + c] = stats.mean;
-        part_m2[k * C + c] = stats.m2;
+        const double d = sum_d[c];
+        part_mean[k * C + c] = shift[c] + d * inv_rows;
+        part_m2[k * C + c] = std::max(0., sum_d2[c] - d * d * inv_rows);
       }
     }
   });
@@ -548,9 +620,12 @@ void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const OutputStore<scalar_t> store(v);
-  parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
-    const Vec yv = pre_activation(IO::load(x + row + c, count), Vec::loadu(p.scale.data() + c),
-                                  Vec::loadu(p.shift.data() + c));
+  const auto* scale = p.scale.data();
+  const auto* shift = p.shift.data();
+  // Captures by value (see for_each_row_vec).
+  parallel_over_row_vecs<Vec::size()>(v, [=](int64_t row, int64_t c, int64_t count) {
+    const Vec yv = pre_activation(IO::load(x + row + c, count), Vec::loadu(scale + c),
+                                  Vec::loadu(shift + c));
     store(y + row + c, activate_vec<act>(yv), count);
   });
 }
@@ -572,19 +647,21 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
   std::vector<acc_t> part_g(chunks.count * Cp, acc_t(0)), part_gx(chunks.count * Cp, acc_t(0));
   at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
-      acc_t* g_sum = part_g.data() + k * Cp;
-      acc_t* gx_sum = part_gx.data() + k * Cp;
-      for_each_row_vec<W>(v, chunks.begin(k), chunks.end(k, v),
-                          [&](int64_t row, int64_t c, int64_t count) {
-                            const Vec xv = IO::load(x + row + c, count);
-                            const Vec yv = pre_activation(xv, Vec::loadu(p.scale.data() + c),
-                                                          Vec::loadu(p.shift.data() + c));
-                            const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
-                            (Vec::loadu(g_sum + c) + g).store(g_sum + c);
-                            at::vec::fmadd(g, xv - Vec::loadu(mean_padded.data() + c),
-                                           Vec::loadu(gx_sum + c))
-                                .store(gx_sum + c);
-                          });
+      for (int64_t c0 = 0; c0 < v.channels; c0 += kRowBlockVecs * W) {
+        const auto scale = load_block<Vec>(p.scale.data(), c0, Cp);
+        const auto shift = load_block<Vec>(p.shift.data(), c0, Cp);
+        const auto mean_block = load_block<Vec>(mean_padded.data(), c0, Cp);
+        const auto sums = sum_over_rows<Vec, 2>(
+            v, chunks.begin(k), chunks.end(k, v), c0,
+            [&](int64_t row, int j, int64_t c, int64_t count) {
+              const Vec xv = IO::load(x + row + c, count);
+              const Vec g = masked_grad<act>(pre_activation(xv, scale[j], shift[j]),
+                                             IO::load(dy + row + c, count));
+              return std::array<Vec, 2>{g, g * (xv - mean_block[j])};
+            });
+        store_block<Vec>(part_g.data() + k * Cp, c0, Cp, [&](int j) { return sums[j][0]; });
+        store_block<Vec>(part_gx.data() + k * Cp, c0, Cp, [&](int j) { return sums[j][1]; });
+      }
     }
   });
   for_each_vec<W>(v.channels, [&](int64_t c, int64_t count) {
@@ -604,14 +681,15 @@ void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const OutputStore<scalar_t> store(v);
-  parallel_over_row_vecs<Vec::size()>(v, [&](int64_t row, int64_t c, int64_t count) {
+  const auto *scale = p.scale.data(), *shift = p.shift.data();
+  const auto *a = p.a.data(), *b = p.b.data(), *c_term = p.c.data();
+  // Captures by value (see for_each_row_vec).
+  parallel_over_row_vecs<Vec::size()>(v, [=](int64_t row, int64_t c, int64_t count) {
     const Vec xv = IO::load(x + row + c, count);
-    const Vec yv =
-        pre_activation(xv, Vec::loadu(p.scale.data() + c), Vec::loadu(p.shift.data() + c));
+    const Vec yv = pre_activation(xv, Vec::loadu(scale + c), Vec::loadu(shift + c));
     const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
     store(dx + row + c,
-          grad_input_vec(g, xv, Vec::loadu(p.a.data() + c), Vec::loadu(p.b.data() + c),
-                         Vec::loadu(p.c.data() + c)),
+          grad_input_vec(g, xv, Vec::loadu(a + c), Vec::loadu(b + c), Vec::loadu(c_term + c)),
           count);
   });
 }
