@@ -57,8 +57,8 @@ def parse_args(argv):
     parser.add_argument("--compile-ops", nargs="+", default=["bn_relu_fwd_bwd"], metavar="OP",
                         help="ops that get the torch.compile baseline, 'all' or 'none' "
                              "(default: bn_relu_fwd_bwd; compiling takes seconds per row)")
-    parser.add_argument("--min-run-time", type=float, default=0.2,
-                        help="seconds of timed runs per measurement (default 0.2)")
+    parser.add_argument("--min-run-time", type=float, default=0.5,
+                        help="seconds of timed runs per measurement (default 0.5)")
     parser.add_argument("--malloc", choices=allocator.MODES, default="steady",
                         help="steady (default): freed blocks are reused instead of being page-faulted "
                              "back in on every call; default: glibc's own settings (see benchmarks/allocator.py)")

@@ -162,7 +162,8 @@ def median_seconds(fn, device, min_run_time):
     fn()  # warm-up (allocations, first-call dispatch)
     if device == "cuda":
         torch.cuda.synchronize()
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn})
+    # torch.utils.benchmark times on one thread unless told otherwise.
+    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
