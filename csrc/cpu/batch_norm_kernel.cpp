@@ -160,7 +160,17 @@ inline Vec activate_vec(const Vec& y) {
 // g where activation_passes_grad(y), else 0.
 template <Activation act, typename Vec>
 inline Vec masked_grad(const Vec& y, const Vec& g) {
-  if constexpr (act == Activation::ReLU) return Vec::blendv(Vec(0), g, y > Vec(0));
+  if constexpr (act == Activation::ReLU) {
+#ifdef CPU_CAPABILITY_AVX512
+    if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
+      // A compare into a mask register and a zero-masking move; at::vec's
+      // compare and blend go through an all-ones vector and back. NaN > 0 is
+      // false in both (ordered compare).
+      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ), g);
+    }
+#endif
+    return Vec::blendv(Vec(0), g, y > Vec(0));
+  }
   return g;
 }
 
@@ -276,14 +286,20 @@ inline void for_each_run(const ChannelView& v, int64_t c, const Span& span, cons
   for (int64_t n = span.n0; n < span.n1; ++n) body(plane_offset(v, n, c) + span.i0, span.i1 - span.i0);
 }
 
-// Whether whole channels are enough parallel tasks to keep every thread
-// busy. Then a thread owns a channel from its reduction to its elementwise
-// pass, which re-reads the slab from cache; otherwise blocks of every
-// channel are spread over the threads and the elementwise pass re-reads
-// from memory.
+// Planes shorter than this (a 4 KiB page of float32) make a channel's slab a
+// scatter of short runs, which the per-channel passes read and write far
+// slower than the memory-order elementwise pass does.
+constexpr int64_t kMinSlabPlane = 1024;
+
+// Whether a thread should own each channel from its reduction to its
+// elementwise pass, which then re-reads the slab from cache: when whole
+// channels are enough parallel tasks to keep every thread busy and planes
+// are long. Otherwise blocks of every channel are spread over the threads
+// and the elementwise pass runs in memory order.
 bool parallel_over_channels(const ChannelView& v) {
   const int64_t threads = at::get_num_threads();
-  return v.channels % threads == 0 || v.channels >= 8 * threads;
+  const bool enough_channels = v.channels % threads == 0 || v.channels >= 8 * threads;
+  return enough_channels && v.inner >= kMinSlabPlane;
 }
 
 // For every channel c: part[b] = reduce(c, span) over its blocks, then
