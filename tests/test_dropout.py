@@ -191,6 +191,25 @@ def test_forward_and_backward_are_exact(dtype, layout, save_mask):
     assert torch.equal(grad_in, scaled(grad_out, keep, p))
 
 
+@pytest.mark.parametrize("offset_elements", [0, 1])
+def test_large_float32_outputs_are_exact(offset_elements):
+    # Outputs of 8 MB and more take the non-temporal store path (a view one
+    # element in is unaligned and falls back to ordinary stores); forward,
+    # backward and the in-place op must give the same exact result.
+    p, seed, offset = 0.2, 7, 3
+    numel = (9 << 20) // 4 + 13
+    base = torch.randn(numel + offset_elements)
+    x = base[offset_elements:]
+    keep = reference_keep(numel, p, seed, offset)
+    out, mask = ops.dropout(x, p, seed_offset(seed, offset), True)
+    assert torch.equal(out, scaled(x, keep, p))
+    grad = ops.dropout_apply_mask(x, mask, p)
+    assert torch.equal(grad, scaled(x, keep, p))
+    in_place = base.clone()[offset_elements:]
+    ops.dropout_(in_place, p, seed_offset(seed, offset))
+    assert torch.equal(in_place, scaled(x, keep, p))
+
+
 @pytest.mark.parametrize("mask_mode", MASK_MODES)
 def test_functional_backward_uses_the_forward_mask(mask_mode):
     x = layout_input((8, 16, 10, 10), "channels_last", torch.float32).requires_grad_()

@@ -1,5 +1,7 @@
 #include "dropout_kernel.h"
 
+#include "cpu_capability.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -15,17 +17,18 @@
 namespace fused_bn::cpu {
 namespace {
 
-// The hot loops are compiled for AVX-512, AVX2 and baseline x86-64 and the
-// best one is picked at load time (GNU ifunc), as the extension is built
-// without -march flags.
+// The extension is built without -march flags. The generic loops are compiled
+// for AVX-512, AVX2 and baseline x86-64 and the best one is picked at load
+// time (GNU ifunc); the hand-written ones below follow cpu_capability().
 #if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
 #define FUSED_BN_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FUSED_BN_CPU_CLONES
 #endif
 
-// Hand-written AVX2/AVX-512 Philox rounds: compilers do not vectorize the
-// 32x32->64-bit products of the rounds on their own.
+// Hand-written AVX2/AVX-512 Philox rounds (compilers do not vectorize the
+// 32x32->64-bit products of the rounds on their own) and float32 mask
+// application.
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FUSED_BN_X86_SIMD 1
 #else
@@ -38,9 +41,9 @@ constexpr int64_t kChunkBytes = 256;
 // rounds are one dependency chain, so interleaving chains keeps the
 // multipliers busy.
 constexpr int kSimdChains = 4;
-// A SIMD step covers kSimdChains vectors of up to 16 groups (8 mask bytes
+// A SIMD step covers kSimdChains vectors of up to 8 groups (4 mask bytes
 // each) and must not straddle chunks.
-static_assert(kChunkBytes % (8 * kSimdChains) == 0, "chunks hold whole SIMD steps");
+static_assert(kChunkBytes % (4 * kSimdChains) == 0, "chunks hold whole SIMD steps");
 // Mask bytes (x 8 elements) a parallel task should at least cover.
 constexpr int64_t kGrainBytes = 2048;
 
@@ -63,27 +66,23 @@ inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
 }
 
 #if FUSED_BN_X86_SIMD
-// fill_keep_bits for whole steps of kSimdChains * kGroups Philox groups,
-// kGroups lanes per vector: philox_detail::round on vectors, where the
-// 32x32->64-bit products of even and odd lanes are taken separately and their
-// words re-interleaved. Instantiated for AVX2 (8 lanes) and AVX-512 (16 lanes)
-// with the intrinsics of each; returns the number of bytes written.
-#define FUSED_BN_DEFINE_KEEP_BYTES(NAME, TARGET, GROUPS, VEC, IOTA, SET1, ADD, MUL, SRLI, SLLI,  \
-                                   BLEND_ODD, XOR, KEEP_MASK)                                   \
-  __attribute__((target(TARGET), always_inline)) inline void NAME##_mulhilo(VEC a, uint32_t m,  \
-                                                                          VEC& hi, VEC& lo) {   \
-    const VEC even = MUL(a, SET1(static_cast<int>(m)));                                         \
-    const VEC odd = MUL(SRLI(a, 32), SET1(static_cast<int>(m)));                                \
-    lo = BLEND_ODD(even, SLLI(odd, 32));                                                        \
-    hi = BLEND_ODD(SRLI(even, 32), odd);                                                        \
-  }                                                                                             \
+// fill_keep_bits for whole steps of kSimdChains vectors of kGroups Philox
+// groups: philox_detail::round on vectors that hold one 32-bit word per 64-bit
+// lane, in its low half. The 32x32->64-bit multiply then leaves a round's low
+// word in place and its high word one shift away, with no shuffles; the high
+// halves carry garbage that neither the multiplies nor the keep test read.
+// Instantiated for AVX2 (4 groups per vector) and AVX-512 (8) with the
+// intrinsics of each; returns the number of bytes written.
+#define FUSED_BN_DEFINE_KEEP_BYTES(NAME, TARGET, GROUPS, VEC, IOTA, SET1, ADD, MUL, SRLI, XOR,   \
+                                   KEEP_MASK)                                                   \
   __attribute__((target(TARGET))) int64_t NAME(const DropoutStream& stream, uint32_t last_kept, \
                                                int64_t first_byte, int64_t num_bytes,           \
                                                uint8_t* bits) {                                 \
     constexpr int kGroups = GROUPS;                                                             \
     constexpr int64_t kBytesPerVec = kGroups / 2;                                               \
-    const VEC last = SET1(static_cast<int>(last_kept));                                         \
+    const VEC last = SET1(last_kept);                                                           \
     const VEC lanes = IOTA;                                                                     \
+    const VEC m0 = SET1(philox_detail::kMultiplier0), m1 = SET1(philox_detail::kMultiplier1);   \
     int64_t b = 0;                                                                              \
     for (; b + kSimdChains * kBytesPerVec <= num_bytes; b += kSimdChains * kBytesPerVec) {      \
       /* The first group is a multiple of kSimdChains * kGroups: adding the */                  \
@@ -91,22 +90,20 @@ inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
       const PhiloxWords first = stream.counter(2 * static_cast<uint64_t>(first_byte + b));      \
       VEC c0[kSimdChains], c1[kSimdChains], c2[kSimdChains], c3[kSimdChains];                   \
       for (int k = 0; k < kSimdChains; ++k) {                                                   \
-        c0[k] = ADD(SET1(static_cast<int>(first.x[0] + k * kGroups)), lanes);                   \
-        c1[k] = SET1(static_cast<int>(first.x[1]));                                             \
-        c2[k] = SET1(static_cast<int>(first.x[2]));                                             \
-        c3[k] = SET1(static_cast<int>(first.x[3]));                                             \
+        c0[k] = ADD(SET1(first.x[0] + k * kGroups), lanes);                                     \
+        c1[k] = SET1(first.x[1]);                                                               \
+        c2[k] = SET1(first.x[2]);                                                               \
+        c3[k] = SET1(first.x[3]);                                                               \
       }                                                                                         \
       for (uint32_t r = 0; r < philox_detail::kRounds; ++r) {                                   \
         const PhiloxKey rk = round_key(stream.key(), r);                                        \
-        const VEC k0 = SET1(static_cast<int>(rk.k0)), k1 = SET1(static_cast<int>(rk.k1));       \
+        const VEC k0 = SET1(rk.k0), k1 = SET1(rk.k1);                                           \
         for (int k = 0; k < kSimdChains; ++k) {                                                 \
-          VEC hi0, lo0, hi1, lo1;                                                               \
-          NAME##_mulhilo(c0[k], philox_detail::kMultiplier0, hi0, lo0);                         \
-          NAME##_mulhilo(c2[k], philox_detail::kMultiplier1, hi1, lo1);                         \
-          c0[k] = XOR(XOR(hi1, c1[k]), k0);                                                     \
-          c1[k] = lo1;                                                                          \
-          c2[k] = XOR(XOR(hi0, c3[k]), k1);                                                     \
-          c3[k] = lo0;                                                                          \
+          const VEC product0 = MUL(c0[k], m0), product1 = MUL(c2[k], m1);                       \
+          c0[k] = XOR(XOR(SRLI(product1, 32), c1[k]), k0);                                      \
+          c1[k] = product1;                                                                     \
+          c2[k] = XOR(XOR(SRLI(product0, 32), c3[k]), k1);                                      \
+          c3[k] = product0;                                                                     \
         }                                                                                       \
       }                                                                                         \
       for (int k = 0; k < kSimdChains; ++k) {                                                   \
@@ -119,38 +116,47 @@ inline uint64_t interleave_keep_masks(const uint32_t (&keep)[4]) {
     return b;                                                                                   \
   }
 
-#define FUSED_BN_AVX2_IOTA _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)
-#define FUSED_BN_AVX2_BLEND_ODD(a, b) _mm256_blend_epi32(a, b, 0xAA)
-// Lanes with draw <= last: min(draw, last) == draw.
-#define FUSED_BN_AVX2_KEEP_MASK(d, last)                                    \
-  static_cast<uint32_t>(_mm256_movemask_ps(                                 \
-      _mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, last), d))))
-FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx2, "avx2", 8, __m256i, FUSED_BN_AVX2_IOTA,
-                           _mm256_set1_epi32, _mm256_add_epi32, _mm256_mul_epu32, _mm256_srli_epi64,
-                           _mm256_slli_epi64, FUSED_BN_AVX2_BLEND_ODD, _mm256_xor_si256,
-                           FUSED_BN_AVX2_KEEP_MASK)
+#define FUSED_BN_AVX2_IOTA _mm256_setr_epi64x(0, 1, 2, 3)
+#define FUSED_BN_AVX2_SET1(v) _mm256_set1_epi64x(static_cast<int64_t>(static_cast<uint32_t>(v)))
+// Low words with draw <= last (min(draw, last) == draw), moved to the sign
+// bit of their 64-bit lane.
+#define FUSED_BN_AVX2_KEEP_MASK(d, last)                                                  \
+  static_cast<uint32_t>(_mm256_movemask_pd(_mm256_castsi256_pd(                          \
+      _mm256_slli_epi64(_mm256_cmpeq_epi32(_mm256_min_epu32(d, last), d), 32))))
+FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx2, "avx2", 4, __m256i, FUSED_BN_AVX2_IOTA,
+                           FUSED_BN_AVX2_SET1, _mm256_add_epi64, _mm256_mul_epu32,
+                           _mm256_srli_epi64, _mm256_xor_si256, FUSED_BN_AVX2_KEEP_MASK)
 
 // GCC 12 takes the deliberately undefined pass-through operand inside
 // avx512fintrin.h's _mm512_mul_epu32 for an uninitialized variable.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#define FUSED_BN_AVX512_IOTA \
-  _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-#define FUSED_BN_AVX512_BLEND_ODD(a, b) _mm512_mask_blend_epi32(0xAAAA, a, b)
-#define FUSED_BN_AVX512_KEEP_MASK(d, last) static_cast<uint32_t>(_mm512_cmple_epu32_mask(d, last))
-FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx512, "avx512f", 16, __m512i, FUSED_BN_AVX512_IOTA,
-                           _mm512_set1_epi32, _mm512_add_epi32, _mm512_mul_epu32, _mm512_srli_epi64,
-                           _mm512_slli_epi64, FUSED_BN_AVX512_BLEND_ODD, _mm512_xor_si512,
-                           FUSED_BN_AVX512_KEEP_MASK)
+#define FUSED_BN_AVX512_IOTA _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)
+#define FUSED_BN_AVX512_SET1(v) _mm512_set1_epi64(static_cast<int64_t>(static_cast<uint32_t>(v)))
+// Low words with draw <= last.
+#define FUSED_BN_AVX512_KEEP_MASK(d, last) \
+  static_cast<uint32_t>(                    \
+      _mm512_cmple_epu64_mask(_mm512_and_si512(d, _mm512_set1_epi64(0xFFFFFFFF)), last))
+FUSED_BN_DEFINE_KEEP_BYTES(keep_bytes_avx512, "avx512f", 8, __m512i, FUSED_BN_AVX512_IOTA,
+                           FUSED_BN_AVX512_SET1, _mm512_add_epi64, _mm512_mul_epu32,
+                           _mm512_srli_epi64, _mm512_xor_si512, FUSED_BN_AVX512_KEEP_MASK)
 #pragma GCC diagnostic pop
 
 using KeepBytesSimd = int64_t (*)(const DropoutStream&, uint32_t, int64_t, int64_t, uint8_t*);
 
-// The widest SIMD variant this CPU runs, or null.
-KeepBytesSimd select_keep_bytes_simd() {
-  if (__builtin_cpu_supports("avx512f")) return keep_bytes_avx512;
-  if (__builtin_cpu_supports("avx2")) return keep_bytes_avx2;
-  return nullptr;
+// The variant for the instruction set that cpu_capability() chose, so that
+// FUSED_BN_CPU_CAPABILITY selects these loops too (and tests can run each),
+// or null for the scalar code.
+template <typename Fn>
+Fn simd_variant(Fn avx512, Fn avx2) {
+  switch (cpu_capability()) {
+    case CpuCapability::AVX512:
+      return avx512;
+    case CpuCapability::AVX2:
+      return avx2;
+    default:
+      return nullptr;
+  }
 }
 #endif
 
@@ -163,7 +169,8 @@ void fill_keep_bits(const DropoutStream& stream, const DropoutKeepRule& rule, in
   }
   int64_t b = 0;
 #if FUSED_BN_X86_SIMD
-  static const KeepBytesSimd keep_bytes_simd = select_keep_bytes_simd();
+  static const KeepBytesSimd keep_bytes_simd =
+      simd_variant<KeepBytesSimd>(keep_bytes_avx512, keep_bytes_avx2);
   if (keep_bytes_simd != nullptr) {
     b = keep_bytes_simd(stream, rule.last_kept_draw, first_byte, num_bytes, bits);
   }
@@ -212,9 +219,15 @@ inline void apply_bits_impl(const scalar_t* x, const uint8_t* bits, int64_t n, o
   }
 }
 
+// Outputs at least this large are written with non-temporal stores (float32
+// SIMD loops): their lines are not read into the cache before being
+// overwritten, which saves a pass over memory.
+constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
 // Non-template entry points, one per dtype, so that each can be multiversioned.
+// `stream` (non-temporal stores) applies to the float32 SIMD loops only.
 FUSED_BN_CPU_CLONES void apply_bits(const double* x, const uint8_t* bits, int64_t n, double scale,
-                                    double* out) {
+                                    double* out, bool /*stream*/) {
   apply_bits_impl(x, bits, n, scale, out);
 }
 #if FUSED_BN_X86_SIMD
@@ -222,62 +235,73 @@ FUSED_BN_CPU_CLONES void apply_bits(const double* x, const uint8_t* bits, int64_
 // scale or 0 per lane and x is multiplied by it, as in apply_bits_impl (so
 // NaN stays NaN and a dropped -x gives -0). Returns the elements done.
 __attribute__((target("avx512f"))) int64_t apply_bits_avx512(const float* x, const uint8_t* bits,
-                                                             int64_t n, float scale, float* out) {
+                                                             int64_t n, float scale, float* out,
+                                                             bool stream) {
   const __m512 scale_vec = _mm512_set1_ps(scale);
+  stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(__m512) == 0;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     uint16_t keep;  // bit k: element i + k
     std::memcpy(&keep, bits + i / kDropoutElementsPerByte, sizeof(keep));
     const __m512 factor = _mm512_maskz_mov_ps(keep, scale_vec);
-    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_loadu_ps(x + i), factor));
+    const __m512 result = _mm512_mul_ps(_mm512_loadu_ps(x + i), factor);
+    if (stream) {
+      _mm512_stream_ps(out + i, result);
+    } else {
+      _mm512_storeu_ps(out + i, result);
+    }
   }
   return i;
 }
 
 __attribute__((target("avx2"))) int64_t apply_bits_avx2(const float* x, const uint8_t* bits,
-                                                        int64_t n, float scale, float* out) {
+                                                        int64_t n, float scale, float* out,
+                                                        bool stream) {
   const __m256 scale_vec = _mm256_set1_ps(scale);
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(__m256) == 0;
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256i byte = _mm256_set1_epi32(bits[i / kDropoutElementsPerByte]);
     const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
     const __m256 factor = _mm256_and_ps(_mm256_castsi256_ps(keep), scale_vec);
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_loadu_ps(x + i), factor));
+    const __m256 result = _mm256_mul_ps(_mm256_loadu_ps(x + i), factor);
+    if (stream) {
+      _mm256_stream_ps(out + i, result);
+    } else {
+      _mm256_storeu_ps(out + i, result);
+    }
   }
   return i;
 }
 
-using ApplyBitsSimd = int64_t (*)(const float*, const uint8_t*, int64_t, float, float*);
-
-ApplyBitsSimd select_apply_bits_simd() {
-  if (__builtin_cpu_supports("avx512f")) return apply_bits_avx512;
-  if (__builtin_cpu_supports("avx2")) return apply_bits_avx2;
-  return nullptr;
-}
+using ApplyBitsSimd = int64_t (*)(const float*, const uint8_t*, int64_t, float, float*, bool);
 #endif
 
-void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale, float* out) {
+void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale, float* out,
+                bool stream) {
   int64_t done = 0;  // a multiple of kDropoutElementsPerByte
 #if FUSED_BN_X86_SIMD
-  static const ApplyBitsSimd apply_bits_simd = select_apply_bits_simd();
-  if (apply_bits_simd != nullptr) done = apply_bits_simd(x, bits, n, scale, out);
+  static const ApplyBitsSimd apply_bits_simd =
+      simd_variant<ApplyBitsSimd>(apply_bits_avx512, apply_bits_avx2);
+  if (apply_bits_simd != nullptr) done = apply_bits_simd(x, bits, n, scale, out, stream);
 #endif
   apply_bits_impl(x + done, bits + done / kDropoutElementsPerByte, n - done, scale, out + done);
 }
 FUSED_BN_CPU_CLONES void apply_bits(const c10::Half* x, const uint8_t* bits, int64_t n, float scale,
-                                    c10::Half* out) {
+                                    c10::Half* out, bool /*stream*/) {
   apply_bits_impl(x, bits, n, scale, out);
 }
 FUSED_BN_CPU_CLONES void apply_bits(const c10::BFloat16* x, const uint8_t* bits, int64_t n,
-                                    float scale, c10::BFloat16* out) {
+                                    float scale, c10::BFloat16* out, bool /*stream*/) {
   apply_bits_impl(x, bits, n, scale, out);
 }
 
 // Runs body(first_byte, num_bytes, first_element, num_elements) over chunks of
 // kChunkBytes mask bytes, in parallel. Chunks start at multiples of
 // kChunkBytes * 8 elements, so each mask byte and each SIMD block of Philox
-// groups belongs to one thread, whatever the thread count.
+// groups belongs to one thread, whatever the thread count. Each task ends
+// with a store fence, which makes its non-temporal stores visible.
 template <typename Body>
 void for_each_chunk(int64_t numel, const Body& body) {
   const int64_t num_bytes = dropout_mask_bytes(numel);
@@ -289,6 +313,9 @@ void for_each_chunk(int64_t numel, const Body& body) {
       const int64_t chunk_bytes = std::min(kChunkBytes, num_bytes - byte);
       body(byte, chunk_bytes, first, std::min(chunk_bytes * kDropoutElementsPerByte, numel - first));
     }
+#if FUSED_BN_X86_SIMD
+    _mm_sfence();
+#endif
   });
 }
 
@@ -300,11 +327,12 @@ void dropout_kernel(const at::Tensor& input, const at::Tensor& output, uint8_t* 
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    const bool streaming_stores = output.nbytes() >= kStreamingBytes;
     for_each_chunk(input.numel(), [&](int64_t byte, int64_t num_bytes, int64_t first, int64_t n) {
       uint8_t chunk_bits[kChunkBytes];
       uint8_t* bits = mask_bits != nullptr ? mask_bits + byte : chunk_bits;
       fill_keep_bits(stream, rule, byte, num_bytes, bits);
-      apply_bits(x + first, bits, n, static_cast<opmath_t>(scale), out + first);
+      apply_bits(x + first, bits, n, static_cast<opmath_t>(scale), out + first, streaming_stores);
     });
   });
 }
@@ -315,8 +343,10 @@ void dropout_apply_mask_kernel(const at::Tensor& input, const uint8_t* mask_bits
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* x = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    const bool streaming_stores = output.nbytes() >= kStreamingBytes;
     for_each_chunk(input.numel(), [&](int64_t byte, int64_t, int64_t first, int64_t n) {
-      apply_bits(x + first, mask_bits + byte, n, static_cast<opmath_t>(scale), out + first);
+      apply_bits(x + first, mask_bits + byte, n, static_cast<opmath_t>(scale), out + first,
+                 streaming_stores);
     });
   });
 }
