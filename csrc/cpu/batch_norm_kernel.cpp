@@ -232,11 +232,14 @@ class VecSums {
 using BlockStats = Welford<double>;
 
 // Statistics of `count` values from the sums of d = x - shift and d^2.
-inline BlockStats shifted_moments(double count, double shift, double sum_d, double sum_d2) {
+// The caller passes 1 / count, so that a loop over many channels of the same
+// count multiplies instead of dividing (and vectorizes).
+inline BlockStats shifted_moments(double count, double inv_count, double shift, double sum_d,
+                                  double sum_d2) {
   BlockStats stats;
   stats.count = count;
-  stats.mean = shift + sum_d / count;
-  stats.m2 = std::max(0., sum_d2 - sum_d * sum_d / count);  // >= 0 up to rounding
+  stats.mean = shift + sum_d * inv_count;
+  stats.m2 = std::max(0., sum_d2 - sum_d * sum_d * inv_count);  // >= 0 up to rounding
   return stats;
 }
 
@@ -375,7 +378,7 @@ BlockStats block_stats(const scalar_t* x, const ChannelView& v, int64_t c, const
     });
   });
   const auto sums = sum_d.total();
-  return shifted_moments(span.count(), shift, sums[0], sums[1]);
+  return shifted_moments(span.count(), 1.0 / span.count(), shift, sums[0], sums[1]);
 }
 
 template <typename scalar_t, Activation act>
@@ -602,13 +605,11 @@ void rows_stats(const scalar_t* x, const ChannelView& v, at::opmath_type<scalar_
         store_block<Vec>(sum_d.data(), c0, Cp, [&](int j) { return dev[j][0]; });
         store_block<Vec>(sum_d2.data(), c0, Cp, [&](int j) { return dev[j][1]; });
       }
-      // shifted_moments for all channels at once: one reciprocal, so that
-      // the loop vectorizes instead of dividing per channel.
-      const double inv_rows = 1.0 / static_cast<double>(r1 - r0);
+      const double rows_count = static_cast<double>(r1 - r0), inv_rows = 1.0 / rows_count;
       for (int64_t c = 0; c < C; ++c) {
-        const double d = sum_d[c];
-        part_mean[k * C + c] = shift[c] + d * inv_rows;
-        part_m2[k * C + c] = std::max(0., sum_d2[c] - d * d * inv_rows);
+        const auto stats = shifted_moments(rows_count, inv_rows, shift[c], sum_d[c], sum_d2[c]);
+        part_mean[k * C + c] = stats.mean;
+        part_m2[k * C + c] = stats.m2;
       }
     }
   });
