@@ -36,6 +36,8 @@ COLUMNS = [  # (row key, header, format)
     ("pct_of_copy_bw", "% copy BW", "{:.0f}%"),
     ("saved_fused_MB", "saved MB fused", "{:.1f}"),
     ("saved_eager_MB", "saved MB eager", "{:.1f}"),
+    ("faults_fused", "faults fused", "{:.0f}"),
+    ("faults_eager", "faults eager", "{:.0f}"),
 ]
 
 
@@ -58,7 +60,10 @@ def parse_args(argv):
                         help="ops that get the torch.compile baseline, 'all' or 'none' "
                              "(default: bn_relu_fwd_bwd; compiling takes seconds per row)")
     parser.add_argument("--min-run-time", type=float, default=0.5,
-                        help="seconds of timed runs per measurement (default 0.5)")
+                        help="seconds of timed runs per implementation and row (default 0.5)")
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="turns the implementations of a row take, interleaved, within "
+                             "--min-run-time (default 5)")
     parser.add_argument("--malloc", choices=allocator.MODES, default="steady",
                         help="steady (default): freed blocks are reused instead of being page-faulted "
                              "back in on every call; default: glibc's own settings (see benchmarks/allocator.py)")
@@ -71,6 +76,9 @@ def parse_args(argv):
         args.shapes = args.shapes or suite.QUICK_SHAPES
         args.dtypes = ["float32"]
         args.min_run_time = 0.02
+        args.rounds = 1
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.shapes = args.shapes or suite.DEFAULT_SHAPES
     args.ops = args.ops or suite.available_ops()
     if args.compile_ops == ["all"]:
@@ -145,10 +153,13 @@ def write_markdown(path, rows, info, command):
         + f"; torch {info['torch']}; fused_bn {info['fused_bn']['version']} "
         f"(CPU kernels: {info['fused_bn']['cpu_capability']}); {info['date']}.",
         "",
-        f"Memory allocator: {info['malloc']}. Times are medians (torch.utils.benchmark). "
+        f"Memory allocator: {info['malloc']}. Times are medians (torch.utils.benchmark) "
+        "over interleaved rounds: the implementations of a row take turns. "
         "GB/s counts the minimum bytes the op must move (forward: read x, write y; "
         "backward: read x and grad, write grad_input); % copy BW compares it with a "
-        "copy of the same tensor (`copy ms`, read + write) timed in the same run.",
+        "copy of the same tensor (`copy ms`, read + write) timed in the same run. "
+        "`faults` are minor page faults per step (a step that page-faults its outputs "
+        "in pays ~1 us per 4 KiB page on a VM).",
         "",
         table(rows, markdown=True),
         "",

@@ -1,17 +1,23 @@
 """Benchmark cases, timing and the per-row measurements.
 
 Each row times one op on one input with fused_bn, PyTorch eager and
-torch.compile of the eager modules (torch.utils.benchmark, median), and reports
+torch.compile of the eager modules (torch.utils.benchmark, median over
+interleaved rounds), and reports
 the achieved bandwidth by the minimum-bytes count (the bytes the op must move at
 least: every input read once, every output written once) against the
 bandwidth of a copy of the same tensor (copy_ into a preallocated tensor of the
-same layout) timed in the same run.
+same layout) timed in the same run, and the minor page faults of a step.
 """
 
 import dataclasses
 import math
 import sys
 import time
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 import torch
 import torch.utils.benchmark as tbench
@@ -158,13 +164,44 @@ def saved_tensor_bytes(module, x, op):
     return sum(storages.values())
 
 
-def median_seconds(fn, device, min_run_time):
-    fn()  # warm-up (allocations, first-call dispatch)
+def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
-    # torch.utils.benchmark times on one thread unless told otherwise.
-    timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median
+
+
+def minor_faults():
+    """This process's minor page faults so far (0 where getrusage is unavailable)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
+def interleaved_medians(fns, device, min_run_time, rounds):
+    """{name: median seconds per call} of the callables in `fns`.
+
+    Each is timed in `rounds` turns of min_run_time / rounds, taking turns with
+    the others (ABCABC...), and its turns are pooled into one median: the load
+    of a shared machine changes over seconds, and timing one implementation
+    after the other would put that change into the ratios between them.
+    """
+    measurements = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up (allocations, first-call dispatch)
+    sync(device)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            # torch.utils.benchmark times on one thread unless told otherwise.
+            timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, label=name,
+                                 num_threads=torch.get_num_threads())
+            measurements[name].append(timer.blocked_autorange(min_run_time=min_run_time / rounds))
+    return {name: tbench.Measurement.merge(m)[0].median for name, m in measurements.items()}
+
+
+def faults_per_call(fn, device, calls=5):
+    """Minor page faults per call of fn, in steady state (after timing)."""
+    start = minor_faults()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return (minor_faults() - start) / calls
 
 
 def run_case(case, args):
@@ -180,28 +217,28 @@ def run_case(case, args):
         "layout": case.layout,
         "device": case.device,
     }
-    times = {
-        "copy_ms": median_seconds(lambda: copy_dst.copy_(x), case.device, args.min_run_time),
-        "fused_ms": median_seconds(step_fn(fused, x, grad, case.op), case.device, args.min_run_time),
-        "eager_ms": median_seconds(step_fn(eager, x, grad, case.op), case.device, args.min_run_time),
+    steps = {
+        "copy": lambda: copy_dst.copy_(x),
+        "fused": step_fn(fused, x, grad, case.op),
+        "eager": step_fn(eager, x, grad, case.op),
     }
-    compile_baseline = case.op.name in args.compile_ops
-    if compile_baseline:
-        compiled = torch.compile(eager)
-        step = step_fn(compiled, x, grad, case.op)
+    if case.op.name in args.compile_ops:
+        steps["compile"] = step_fn(torch.compile(eager), x, grad, case.op)
         start = time.perf_counter()
-        step()  # compiles
+        steps["compile"]()  # compiles
         row["compile_s"] = round(time.perf_counter() - start, 1)
-        times["compile_ms"] = median_seconds(step, case.device, args.min_run_time)
-    for key, seconds in times.items():
-        row[key] = seconds * 1e3
+    medians = interleaved_medians(steps, case.device, args.min_run_time, args.rounds)
+    for name, seconds in medians.items():
+        row[f"{name}_ms"] = seconds * 1e3
     row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
-    if compile_baseline:
+    if "compile_ms" in row:
         row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"]
     min_bytes = case.op.min_passes * x.numel() * x.element_size()
     row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
     copy_gbps = 2 * x.numel() * x.element_size() / (row["copy_ms"] * 1e-3) / 1e9
     row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_gbps
+    row["faults_fused"] = faults_per_call(steps["fused"], case.device)
+    row["faults_eager"] = faults_per_call(steps["eager"], case.device)
     if case.op.backward:
         row["saved_fused_MB"] = saved_tensor_bytes(fused, x, case.op) / 1e6
         row["saved_eager_MB"] = saved_tensor_bytes(eager, x, case.op) / 1e6

@@ -1,0 +1,64 @@
+"""The benchmark's measurement helpers (the timings themselves are not asserted)."""
+
+import time
+
+import pytest
+import torch
+
+from benchmarks import __main__ as cli
+from benchmarks import suite
+
+
+def test_interleaved_medians_times_each_callable():
+    calls = {"short": 0, "long": 0}
+
+    def sleeper(name, seconds):
+        def fn():
+            calls[name] += 1
+            time.sleep(seconds)
+
+        return fn
+
+    medians = suite.interleaved_medians(
+        {"short": sleeper("short", 0.002), "long": sleeper("long", 0.006)},
+        "cpu", min_run_time=0.15, rounds=3)
+    assert set(medians) == {"short", "long"}
+    assert 0.002 <= medians["short"] < 0.006
+    assert 2.0 < medians["long"] / medians["short"] < 4.0
+    # warm-up plus at least one timed call in each of the three rounds
+    assert calls["short"] >= 4 and calls["long"] >= 4
+
+
+def test_faults_per_call_sees_fresh_pages():
+    # 64 MiB is above glibc's largest mmap threshold: every call maps new pages
+    # and fill_ faults each of them in.
+    def fresh_pages():
+        torch.empty(16 << 20, dtype=torch.float32).fill_(1.0)
+
+    kept = torch.empty(16 << 20, dtype=torch.float32)
+
+    def same_pages():
+        kept.fill_(1.0)
+
+    same_pages()
+    assert suite.faults_per_call(fresh_pages, "cpu") > 1000
+    assert suite.faults_per_call(same_pages, "cpu") < 100
+
+
+def test_run_case_row():
+    args = cli.parse_args(["--quick", "--ops", "bn_relu_fwd_bwd", "--shapes", "4,8,6,6",
+                           "--rounds", "2", "--device", "cpu"])
+    assert args.rounds == 1  # --quick: one round
+    args.rounds = 2
+    case = next(suite.cases(args.ops, args.shapes, args.dtypes, args.layouts, args.devices))
+    row = suite.run_case(case, args)
+    for key in ("copy_ms", "fused_ms", "eager_ms", "compile_ms"):
+        assert row[key] > 0
+    assert row["speedup_vs_eager"] == pytest.approx(row["eager_ms"] / row["fused_ms"])
+    assert row["faults_fused"] >= 0 and row["faults_eager"] >= 0
+    assert row["saved_fused_MB"] < row["saved_eager_MB"]  # BN+ReLU keeps x only
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--rounds", "0"])
