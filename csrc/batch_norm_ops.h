@@ -13,6 +13,7 @@
 
 #include "batch_norm_common.h"
 #include "cpu/batch_norm_kernel.h"
+#include "output_placement.h"
 
 namespace fused_bn {
 
@@ -90,7 +91,7 @@ struct BatchNormOps {
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    Tensor output = at::empty_like(p.input);
+    Tensor output = empty_like_placed(p.input, {p.input});
     Tensor mean = channel_stat_like(input);
     Tensor invstd = channel_stat_like(input);
     if (training) {
@@ -121,7 +122,7 @@ struct BatchNormOps {
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
     const Tensor dy = grad_like_input(grad_output, p);
-    Tensor grad_input = at::empty_like(p.input);
+    Tensor grad_input = empty_like_placed(p.input, {p.input, dy});
     Tensor sum_dy = channel_stat_like(input);
     Tensor sum_dy_xmu = channel_stat_like(input);
     const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
@@ -156,7 +157,7 @@ struct BatchNormOps {
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    Tensor output = at::empty_like(p.input);
+    Tensor output = empty_like_placed(p.input, {p.input});
     Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean.contiguous(), invstd.contiguous(),
                                          p.weight, p.bias, act, output);
     return output;
@@ -190,9 +191,10 @@ struct BatchNormOps {
     const Activation act = parse_activation(std::string(activation));
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    Tensor grad_input = at::empty_like(p.input);
+    const Tensor dy = grad_like_input(grad_output, p);
+    Tensor grad_input = empty_like_placed(p.input, {p.input, dy});
     Kernels::batch_norm_act_backward_elemt_kernel(
-        grad_like_input(grad_output, p), p.input, p.view, mean.contiguous(), invstd.contiguous(),
+        dy, p.input, p.view, mean.contiguous(), invstd.contiguous(),
         p.weight, p.bias, mean_dy.contiguous(), mean_dy_xmu.contiguous(), /*training=*/true, act,
         grad_input);
     return grad_input;

@@ -2,6 +2,8 @@
 
 #include <ATen/ATen.h>
 
+#include "output_placement.h"
+
 namespace fused_bn {
 
 void check_dropout_args(const at::Tensor& input, double p) {
@@ -38,7 +40,7 @@ DropoutPass make_dropout_pass(const at::Tensor& input, double p) {
   check_dropout_args(input, p);
   DropoutPass pass;
   pass.input = dense_tensor(input);
-  pass.output = at::empty_like(pass.input);
+  pass.output = empty_like_placed(pass.input, {pass.input});
   pass.rule = dropout_keep_rule(p);
   pass.scale = dropout_scale(p);
   return pass;

@@ -8,6 +8,8 @@ with nn.BatchNormXd (+ nn.ReLU) in the same dtype and with a float64 reference,
 forward and backward, in training and eval.
 """
 
+import io
+import math
 import os
 import subprocess
 import sys
@@ -185,6 +187,98 @@ def test_streamed_outputs_with_unaligned_vectors(shape, layout, training):
     check_against_references(shape, torch.float32, layout, "relu", training, compare_torch=False)
 
 
+PAGE_BYTES = 4096
+
+
+def page_distance(a, b):
+    """Distance between the page offsets of two tensors' data, around the 4 KiB circle."""
+    d = (a.data_ptr() - b.data_ptr()) % PAGE_BYTES
+    return min(d, PAGE_BYTES - d)
+
+
+def view_at(base, shape, layout, start):
+    """A dense tensor of `shape` in `layout` whose data start `start` elements into base."""
+    numel = math.prod(shape)
+    if layout == "channels_last":
+        n, c, h, w = shape
+        return base[start:start + numel].view(n, h, w, c).permute(0, 3, 1, 2)
+    return base[start:start + numel].view(shape)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
+    # csrc/output_placement.h: outputs of 64 KiB and more start at the page
+    # offset farthest from the inputs' (4K aliasing of loads and stores).
+    # Inputs at several page offsets; the outputs must be ordinary tensors:
+    # storage offset 0, exact storage size, 64-byte aligned, the strides of
+    # empty_like(input), resizable and serializable, and the same values as
+    # for a freshly allocated input.
+    shape = (4, 32, 16, 16)
+    numel = math.prod(shape)
+    gen = torch.Generator().manual_seed(0)
+    x_base, g_base = torch.randn(numel + 1024, generator=gen), torch.randn(numel + 1024, generator=gen)
+    weight, bias = torch.rand(32, generator=gen) + 0.5, torch.randn(32, generator=gen)
+    ops = torch.ops.fused_bn
+    for x_start, g_start in [(0, 0), (16, 0), (100, 700), (512, 16), (1000, 480)]:
+        x, grad = view_at(x_base, shape, layout, x_start), view_at(g_base, shape, layout, g_start)
+        y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
+        grad_input = ops.batch_norm_act_backward(grad, x, weight, bias, mean, invstd, True, "relu")[0]
+        dropped = ops.dropout(x, 0.3, torch.tensor([1, 2]), True)[0]
+        # The farthest point of the circle from one offset is 2048 bytes away,
+        # from two at least 1024; outputs stay on the 64-byte grid.
+        assert page_distance(y, x) >= 2048 - 32 and page_distance(dropped, x) >= 2048 - 32
+        assert page_distance(grad_input, x) >= 1024 - 32 and page_distance(grad_input, grad) >= 1024 - 32
+        for out in (y, grad_input, dropped):
+            assert out.storage_offset() == 0 and out.data_ptr() % 64 == 0
+            assert out.untyped_storage().nbytes() == numel * 4
+            assert out.stride() == torch.empty_like(x).stride()
+        fresh = x.clone()
+        expected_y = ops.batch_norm_act(fresh, weight, bias, None, None, True, 1e-5, "relu")[0]
+        assert torch.equal(y, expected_y)
+        assert torch.equal(
+            grad_input,
+            ops.batch_norm_act_backward(grad.clone(), fresh, weight, bias, mean, invstd, True, "relu")[0],
+        )
+    buffer = io.BytesIO()
+    torch.save(y, buffer)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer), y)
+    values = y.clone()
+    y.resize_(2 * numel)
+    assert torch.equal(y[:numel], values.permute(0, 2, 3, 1).reshape(-1) if layout == "channels_last"
+                       else values.reshape(-1))
+
+
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((32, 64, 45, 47), "contiguous"), ((32, 67, 45, 45), "channels_last"), ((9, 64, 9), "contiguous")],
+    ids=["nchw_streamed", "channels_last_streamed", "small"],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("activation", ["identity", "relu"])
+def test_reduced_precision_outputs_are_rounded_float32_results(shape, layout, dtype, activation):
+    # bfloat16/float16 kernels load into float32, compute as the float32
+    # kernels do (same blocks, same order) and round once when storing: the
+    # outputs must equal the float32 kernels' results rounded to nearest even,
+    # bit for bit. Over 8 MB of output (the first two shapes) whole aligned
+    # vectors are written with non-temporal stores, the odd plane and row ends
+    # with ordinary and partial ones.
+    gen = torch.Generator().manual_seed(0)
+    x = in_layout(torch.randn(shape, generator=gen).to(dtype), layout)
+    grad = in_layout(torch.randn(shape, generator=gen).to(dtype), layout)
+    weight = torch.rand(shape[1], generator=gen) + 0.5
+    bias = torch.randn(shape[1], generator=gen)
+    ops = torch.ops.fused_bn
+    y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, activation)
+    y32, mean32, invstd32 = ops.batch_norm_act(x.float(), weight, bias, None, None, True, 1e-5, activation)
+    assert torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
+    assert torch.equal(y, y32.to(dtype))
+    grads = ops.batch_norm_act_backward(grad, x, weight, bias, mean, invstd, True, activation)
+    grads32 = ops.batch_norm_act_backward(grad.float(), x.float(), weight, bias, mean, invstd, True, activation)
+    assert torch.equal(grads[0], grads32[0].to(dtype))
+    assert torch.equal(grads[1], grads32[1]) and torch.equal(grads[2], grads32[2])
+
+
 @pytest.mark.parametrize(
     "shape,layout",
     [
@@ -328,7 +422,7 @@ def test_each_cpu_capability(capability):
     run = run_with_capability(
         capability, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, dropout_tests,
         "-k", "tails_and_odd_sizes or relu_mask or large_offset or thread_count or documented_rule "
-        "or forward_and_backward_are_exact or large_float32",
+        "or forward_and_backward_are_exact or large_float32 or reduced_precision_outputs",
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 

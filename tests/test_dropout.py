@@ -367,6 +367,7 @@ OPCHECK_INPUTS = [
     ((3, 4, 7), "strided", torch.float64),
     ((12, 5), "contiguous", torch.bfloat16),
     ((0, 3), "contiguous", torch.float16),
+    ((8, 16, 16, 16), "channels_last", torch.float32),  # 128 KiB: placed outputs
 ]
 
 

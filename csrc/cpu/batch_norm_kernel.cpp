@@ -95,28 +95,64 @@ struct VecIO {
 };
 
 // Outputs much larger than the caches are written with non-temporal stores
-// (float32, whole aligned vectors, AVX2/AVX512): their lines are not read
-// into the cache before being overwritten, which saves a pass over memory,
-// and they do not evict the inputs that an elementwise pass re-reads.
+// (AVX2/AVX512, whole aligned vectors): their lines are not read into the
+// cache before being overwritten, which saves a pass over memory, and they
+// do not evict the inputs that an elementwise pass re-reads.
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+
+#ifdef FUSED_BN_STREAMING_STORES
+#ifdef CPU_CAPABILITY_AVX512
+using FloatBits = __m512;
+#else
+using FloatBits = __m256;
+#endif
+
+// A whole float vector as the bits to store for scalar_t: the vector itself
+// for float; for bfloat16/half, rounded to a half-width integer vector (the
+// rounding of at::vec::convert_from_float, on one vector instead of two).
+template <typename scalar_t>
+inline auto output_bits(const Vectorized<float>& v) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return static_cast<FloatBits>(v);
+  } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return at::vec::cvtfp32_bf16(v);
+  } else {
+    return at::vec::cvtfp32_fp16(v);
+  }
+}
+
+#ifdef CPU_CAPABILITY_AVX512
+inline void store_bits(void* p, __m512 v, bool stream) {
+  stream ? _mm512_stream_ps(static_cast<float*>(p), v) : _mm512_storeu_ps(p, v);
+}
+inline void store_bits(void* p, __m256i v, bool stream) {
+  stream ? _mm256_stream_si256(static_cast<__m256i*>(p), v)
+         : _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+}
+#else
+inline void store_bits(void* p, __m256 v, bool stream) {
+  stream ? _mm256_stream_ps(static_cast<float*>(p), v) : _mm256_storeu_ps(static_cast<float*>(p), v);
+}
+inline void store_bits(void* p, __m128i v, bool stream) {
+  stream ? _mm_stream_si128(static_cast<__m128i*>(p), v)
+         : _mm_storeu_si128(static_cast<__m128i*>(p), v);
+}
+#endif
+#endif
 
 template <typename scalar_t>
 class OutputStore {
  public:
   explicit OutputStore(const ChannelView& v)
-      : stream_(std::is_same_v<scalar_t, float> &&
-                v.count() * v.channels * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingBytes) {}
+      : stream_(v.count() * v.channels * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingBytes) {}
 
   template <typename Vec>
   void operator()(scalar_t* p, const Vec& v, int64_t count) const {
 #ifdef FUSED_BN_STREAMING_STORES
-    if constexpr (std::is_same_v<scalar_t, float>) {
-      if (stream_ && count == Vec::size() && reinterpret_cast<uintptr_t>(p) % sizeof(Vec) == 0) {
-#ifdef CPU_CAPABILITY_AVX512
-        _mm512_stream_ps(p, v);
-#else
-        _mm256_stream_ps(p, v);
-#endif
+    if constexpr (std::is_same_v<typename Vec::value_type, float> && !std::is_same_v<scalar_t, double>) {
+      if (count == Vec::size()) {
+        const auto bits = output_bits<scalar_t>(v);
+        store_bits(p, bits, stream_ && reinterpret_cast<uintptr_t>(p) % sizeof(bits) == 0);
         return;
       }
     }
