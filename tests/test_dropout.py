@@ -191,14 +191,15 @@ def test_forward_and_backward_are_exact(dtype, layout, save_mask):
     assert torch.equal(grad_in, scaled(grad_out, keep, p))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("offset_elements", [0, 1])
-def test_large_float32_outputs_are_exact(offset_elements):
+def test_large_outputs_are_exact(dtype, offset_elements):
     # Outputs of 8 MB and more take the non-temporal store path (a view one
     # element in is unaligned and falls back to ordinary stores); forward,
     # backward and the in-place op must give the same exact result.
     p, seed, offset = 0.2, 7, 3
-    numel = (9 << 20) // 4 + 13
-    base = torch.randn(numel + offset_elements)
+    numel = (9 << 20) // torch.finfo(dtype).bits * 8 + 13
+    base = torch.randn(numel + offset_elements).to(dtype)
     x = base[offset_elements:]
     keep = reference_keep(numel, p, seed, offset)
     out, mask = ops.dropout(x, p, seed_offset(seed, offset), True)
@@ -208,6 +209,44 @@ def test_large_float32_outputs_are_exact(offset_elements):
     in_place = base.clone()[offset_elements:]
     ops.dropout_(in_place, p, seed_offset(seed, offset))
     assert torch.equal(in_place, scaled(x, keep, p))
+
+
+def rounded_bits(values, dtype):
+    """float32 values rounded to bfloat16/float16 as c10's conversions do, as int16 bits:
+    to nearest even; NaN as 0x7FC0 (bfloat16) or sign | 0x7E00 (float16)."""
+    bits = values.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    if dtype == torch.bfloat16:
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        nan_bits = torch.full_like(rounded, 0x7FC0)
+    else:
+        rounded = values.nan_to_num(0.0).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        nan_bits = ((bits >> 16) & 0x8000) | 0x7E00
+    out = torch.where(values.isnan(), nan_bits, rounded)
+    return (out - ((out >> 15) << 16)).to(torch.int16)  # as signed 16-bit
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_special_values_are_exact_bits(dtype):
+    # NaN of either sign and with payloads, infinities, signed zeros,
+    # subnormals and the largest finite values, in every lane of the vector loops and in their scalar
+    # tails: the output bits are those of c10's rounding of the float32 product.
+    info = torch.finfo(dtype)
+    specials = torch.tensor(
+        [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
+         info.tiny / 4, -info.tiny / 4, info.max, -info.max, 1.0, -3.5, info.eps],
+        dtype=torch.float32,
+    )
+    # NaNs with a payload, which a plain hardware conversion would carry over.
+    payload_nans = torch.tensor([0x7FA0, -0x0060] if dtype == torch.bfloat16 else [0x7D00, -0x0300],
+                                dtype=torch.int16).view(dtype)
+    values = torch.cat([specials.to(dtype), payload_nans]).repeat(41)[: 16 * 33 + 5]  # vectors and a tail
+    p, seed, offset = 0.5, 11, 2
+    out, mask = ops.dropout(values, p, seed_offset(seed, offset), True)
+    keep = reference_keep(values.numel(), p, seed, offset)
+    products = values.float() * keep.float() * torch.tensor(1.0 / (1.0 - p))
+    expected = rounded_bits(products, dtype)
+    assert torch.equal(out.view(torch.int16), expected)
+    assert torch.equal(ops.dropout_apply_mask(values, mask, p).view(torch.int16), expected)
 
 
 @pytest.mark.parametrize("mask_mode", MASK_MODES)

@@ -27,8 +27,8 @@ namespace {
 #endif
 
 // Hand-written AVX2/AVX-512 Philox rounds (compilers do not vectorize the
-// 32x32->64-bit products of the rounds on their own) and float32 mask
-// application.
+// 32x32->64-bit products of the rounds on their own) and mask application
+// (float32, bfloat16, float16).
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FUSED_BN_X86_SIMD 1
 #else
@@ -219,82 +219,185 @@ inline void apply_bits_impl(const scalar_t* x, const uint8_t* bits, int64_t n, o
   }
 }
 
-// Outputs at least this large are written with non-temporal stores (float32
-// SIMD loops): their lines are not read into the cache before being
-// overwritten, which saves a pass over memory.
+// Outputs at least this large are written with non-temporal stores (SIMD
+// loops): their lines are not read into the cache before being overwritten,
+// which saves a pass over memory.
 constexpr int64_t kStreamingBytes = int64_t(8) << 20;
 
-// Non-template entry points, one per dtype, so that each can be multiversioned.
-// `stream` (non-temporal stores) applies to the float32 SIMD loops only.
+// float64 has no hand-written loop: the generic one, multiversioned.
 FUSED_BN_CPU_CLONES void apply_bits(const double* x, const uint8_t* bits, int64_t n, double scale,
                                     double* out, bool /*stream*/) {
   apply_bits_impl(x, bits, n, scale, out);
 }
 #if FUSED_BN_X86_SIMD
-// apply_bits for float32, a vector of elements per step: the mask bits pick
-// scale or 0 per lane and x is multiplied by it, as in apply_bits_impl (so
-// NaN stays NaN and a dropped -x gives -0). Returns the elements done.
-__attribute__((target("avx512f"))) int64_t apply_bits_avx512(const float* x, const uint8_t* bits,
-                                                             int64_t n, float scale, float* out,
-                                                             bool stream) {
+// Vectors of float32, bfloat16 and float16 elements as float32 lanes, and
+// back: rounded as c10's conversions round (to nearest even; a NaN becomes
+// 0x7FC0 in bfloat16 and sign | 0x7E00 in float16), so that these loops write
+// exactly what apply_bits_impl writes. `stream`: a non-temporal store (the
+// caller checks alignment). cpu_capability() picks AVX512 only with BW and
+// VL, and AVX2 only with F16C.
+#define FUSED_BN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
+// (GCC 12's -Wmaybe-uninitialized on avx512fintrin.h: see keep_bytes_avx512.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#define FUSED_BN_AVX2 __attribute__((target("avx2,f16c")))
+
+struct Avx512Lanes {
+  static constexpr int64_t kLanes = 16;
+
+  FUSED_BN_AVX512 static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  FUSED_BN_AVX512 static __m512 load(const c10::BFloat16* p) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  FUSED_BN_AVX512 static __m512 load(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+
+  FUSED_BN_AVX512 static void store(float* p, __m512 v, bool stream) {
+    stream ? _mm512_stream_ps(p, v) : _mm512_storeu_ps(p, v);
+  }
+  FUSED_BN_AVX512 static void store(c10::BFloat16* p, __m512 v, bool stream) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(bits, bias), 16);
+    rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                    _mm512_set1_epi32(0x7FC0));
+    store_16_bit(p, _mm512_cvtepi32_epi16(rounded), stream);
+  }
+  FUSED_BN_AVX512 static void store(c10::Half* p, __m512 v, bool stream) {
+    __m256i half = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    if (nan != 0) {
+      const __m512i sign = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(v), 16),
+                                            _mm512_set1_epi32(0x8000));
+      const __m512i canonical = _mm512_or_si512(sign, _mm512_set1_epi32(0x7E00));
+      half = _mm256_mask_mov_epi16(half, nan, _mm512_cvtepi32_epi16(canonical));
+    }
+    store_16_bit(p, half, stream);
+  }
+
+ private:
+  FUSED_BN_AVX512 static void store_16_bit(void* p, __m256i v, bool stream) {
+    stream ? _mm256_stream_si256(static_cast<__m256i*>(p), v)
+           : _mm256_storeu_si256(static_cast<__m256i*>(p), v);
+  }
+};
+
+struct Avx2Lanes {
+  static constexpr int64_t kLanes = 8;
+
+  FUSED_BN_AVX2 static __m256 load(const float* p) { return _mm256_loadu_ps(p); }
+  FUSED_BN_AVX2 static __m256 load(const c10::BFloat16* p) {
+    const __m128i bits = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(bits), 16));
+  }
+  FUSED_BN_AVX2 static __m256 load(const c10::Half* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+
+  FUSED_BN_AVX2 static void store(float* p, __m256 v, bool stream) {
+    stream ? _mm256_stream_ps(p, v) : _mm256_storeu_ps(p, v);
+  }
+  FUSED_BN_AVX2 static void store(c10::BFloat16* p, __m256 v, bool stream) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    const __m256i bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+    const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(bits, bias), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    const __m256i result = _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
+    store_16_bit(p, narrow_to_16_bit(result), stream);
+  }
+  FUSED_BN_AVX2 static void store(c10::Half* p, __m256 v, bool stream) {
+    __m128i half = _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    if (!_mm256_testz_si256(nan, nan)) {
+      const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(_mm256_castps_si256(v), 16),
+                                            _mm256_set1_epi32(0x8000));
+      const __m256i canonical = _mm256_or_si256(sign, _mm256_set1_epi32(0x7E00));
+      half = _mm_blendv_epi8(half, narrow_to_16_bit(canonical),
+                             narrow_to_16_bit(_mm256_srli_epi32(nan, 16)));
+    }
+    store_16_bit(p, half, stream);
+  }
+
+ private:
+  FUSED_BN_AVX2 static void store_16_bit(void* p, __m128i v, bool stream) {
+    stream ? _mm_stream_si128(static_cast<__m128i*>(p), v)
+           : _mm_storeu_si128(static_cast<__m128i*>(p), v);
+  }
+  // Eight 32-bit lanes of values below 2^16 as eight 16-bit values.
+  FUSED_BN_AVX2 static __m128i narrow_to_16_bit(__m256i v) {
+    return _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  }
+};
+
+// apply_bits for a vector of elements per step: the mask bits pick scale or 0
+// per lane and x is multiplied by it, as in apply_bits_impl (so NaN stays NaN
+// and a dropped -x gives -0). Returns the elements done.
+template <typename scalar_t>
+FUSED_BN_AVX512 int64_t apply_bits_avx512(const scalar_t* x, const uint8_t* bits, int64_t n,
+                                          float scale, scalar_t* out, bool stream) {
+  using Lanes = Avx512Lanes;
   const __m512 scale_vec = _mm512_set1_ps(scale);
-  stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(__m512) == 0;
+  stream = stream && reinterpret_cast<uintptr_t>(out) % (Lanes::kLanes * sizeof(scalar_t)) == 0;
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
+  for (; i + Lanes::kLanes <= n; i += Lanes::kLanes) {
     uint16_t keep;  // bit k: element i + k
     std::memcpy(&keep, bits + i / kDropoutElementsPerByte, sizeof(keep));
     const __m512 factor = _mm512_maskz_mov_ps(keep, scale_vec);
-    const __m512 result = _mm512_mul_ps(_mm512_loadu_ps(x + i), factor);
-    if (stream) {
-      _mm512_stream_ps(out + i, result);
-    } else {
-      _mm512_storeu_ps(out + i, result);
-    }
+    Lanes::store(out + i, _mm512_mul_ps(Lanes::load(x + i), factor), stream);
   }
   return i;
 }
 
-__attribute__((target("avx2"))) int64_t apply_bits_avx2(const float* x, const uint8_t* bits,
-                                                        int64_t n, float scale, float* out,
-                                                        bool stream) {
+template <typename scalar_t>
+FUSED_BN_AVX2 int64_t apply_bits_avx2(const scalar_t* x, const uint8_t* bits, int64_t n,
+                                      float scale, scalar_t* out, bool stream) {
+  using Lanes = Avx2Lanes;
   const __m256 scale_vec = _mm256_set1_ps(scale);
   const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  stream = stream && reinterpret_cast<uintptr_t>(out) % sizeof(__m256) == 0;
+  stream = stream && reinterpret_cast<uintptr_t>(out) % (Lanes::kLanes * sizeof(scalar_t)) == 0;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  for (; i + Lanes::kLanes <= n; i += Lanes::kLanes) {
     const __m256i byte = _mm256_set1_epi32(bits[i / kDropoutElementsPerByte]);
     const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, lane_bit), lane_bit);
     const __m256 factor = _mm256_and_ps(_mm256_castsi256_ps(keep), scale_vec);
-    const __m256 result = _mm256_mul_ps(_mm256_loadu_ps(x + i), factor);
-    if (stream) {
-      _mm256_stream_ps(out + i, result);
-    } else {
-      _mm256_storeu_ps(out + i, result);
-    }
+    Lanes::store(out + i, _mm256_mul_ps(Lanes::load(x + i), factor), stream);
   }
   return i;
 }
-
-using ApplyBitsSimd = int64_t (*)(const float*, const uint8_t*, int64_t, float, float*, bool);
+#pragma GCC diagnostic pop
 #endif
 
-void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale, float* out,
-                bool stream) {
+// apply_bits for float32, bfloat16 and float16: the SIMD loop of the chosen
+// instruction set, then apply_bits_impl for the rest. `stream`: non-temporal
+// stores where the SIMD loop's stores are aligned.
+template <typename scalar_t>
+void apply_bits_vectorized(const scalar_t* x, const uint8_t* bits, int64_t n, float scale,
+                           scalar_t* out, bool stream) {
   int64_t done = 0;  // a multiple of kDropoutElementsPerByte
 #if FUSED_BN_X86_SIMD
+  using ApplyBitsSimd = int64_t (*)(const scalar_t*, const uint8_t*, int64_t, float, scalar_t*, bool);
   static const ApplyBitsSimd apply_bits_simd =
-      simd_variant<ApplyBitsSimd>(apply_bits_avx512, apply_bits_avx2);
+      simd_variant<ApplyBitsSimd>(apply_bits_avx512<scalar_t>, apply_bits_avx2<scalar_t>);
   if (apply_bits_simd != nullptr) done = apply_bits_simd(x, bits, n, scale, out, stream);
 #endif
   apply_bits_impl(x + done, bits + done / kDropoutElementsPerByte, n - done, scale, out + done);
 }
-FUSED_BN_CPU_CLONES void apply_bits(const c10::Half* x, const uint8_t* bits, int64_t n, float scale,
-                                    c10::Half* out, bool /*stream*/) {
-  apply_bits_impl(x, bits, n, scale, out);
+
+void apply_bits(const float* x, const uint8_t* bits, int64_t n, float scale, float* out,
+                bool stream) {
+  apply_bits_vectorized(x, bits, n, scale, out, stream);
 }
-FUSED_BN_CPU_CLONES void apply_bits(const c10::BFloat16* x, const uint8_t* bits, int64_t n,
-                                    float scale, c10::BFloat16* out, bool /*stream*/) {
-  apply_bits_impl(x, bits, n, scale, out);
+void apply_bits(const c10::Half* x, const uint8_t* bits, int64_t n, float scale, c10::Half* out,
+                bool stream) {
+  apply_bits_vectorized(x, bits, n, scale, out, stream);
+}
+void apply_bits(const c10::BFloat16* x, const uint8_t* bits, int64_t n, float scale,
+                c10::BFloat16* out, bool stream) {
+  apply_bits_vectorized(x, bits, n, scale, out, stream);
 }
 
 // Runs body(first_byte, num_bytes, first_element, num_elements) over chunks of
