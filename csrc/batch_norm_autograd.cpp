@@ -5,6 +5,11 @@
 // Saved for backward: the input and the per-channel statistics (plus the
 // parameters, which are alive anyway). The activation mask is recomputed from
 // them, so the output is not kept.
+//
+// Second derivatives (create_graph=True, then backward through the gradients)
+// differentiate the backward formula written in differentiable ATen ops
+// (composite_backward below); that path is only taken when the gradients
+// themselves are differentiated.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -13,6 +18,7 @@
 #include <initializer_list>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace fused_bn {
 namespace {
@@ -38,8 +44,7 @@ TensorTriple batch_norm_act_below_autograd(const Tensor& input, const c10::optio
 }
 
 // Through the dispatcher from the Autograd key, so that with create_graph=True
-// the gradients record BatchNormActBackwardFunction (which refuses a second
-// derivative) instead of silently having none.
+// the gradients record BatchNormActBackwardFunction (second derivatives).
 TensorTriple batch_norm_act_backward_op(const Tensor& grad_output, const Tensor& input,
                                         const c10::optional<Tensor>& weight,
                                         const c10::optional<Tensor>& bias, const Tensor& mean,
@@ -110,24 +115,119 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
   }
 };
 
-// The gradients of batch_norm_act as a graph node that refuses to be
-// differentiated again: second derivatives are not implemented.
+// The backward of batch_norm_act in differentiable ATen ops, for second
+// derivatives: the same formulas as the kernels (batch_norm_math.h), in the
+// statistics' dtype. In training the mean and invstd are functions of the
+// input whose values are the saved ones: mean(x) - mean(x).detach() + mean,
+// and rsqrt(var(x) - var(x).detach() + invstd^-2), which is rsqrt(var + eps)
+// without needing eps (the backward op is not given it). The activation mask
+// is piecewise constant and taken as it is.
+TensorTriple composite_backward(const Tensor& grad_output, const Tensor& input, const Tensor& weight,
+                                const Tensor& bias, const Tensor& mean, const Tensor& invstd,
+                                bool training, c10::string_view activation) {
+  const auto acc = invstd.scalar_type();
+  std::vector<int64_t> reduce_dims{0}, channel_shape(input.dim(), 1);
+  for (int64_t d = 2; d < input.dim(); ++d) reduce_dims.push_back(d);
+  channel_shape[1] = input.size(1);
+  const auto per_channel = [&](const Tensor& t) { return t.to(acc).view(channel_shape); };
+  const Tensor x = input.to(acc), g_out = grad_output.to(acc);
+  Tensor mu = per_channel(mean).detach(), inv = per_channel(invstd).detach();
+  if (training) {
+    const Tensor batch_mean = x.mean(reduce_dims, /*keepdim=*/true);
+    const Tensor batch_var = at::var(x, reduce_dims, /*correction=*/at::Scalar(0), /*keepdim=*/true);
+    mu = batch_mean - batch_mean.detach() + mu;
+    inv = (batch_var - batch_var.detach() + inv.pow(-2)).rsqrt();
+  }
+  const Tensor w = weight.defined() ? per_channel(weight) : at::ones_like(mu);
+  Tensor g = g_out;
+  if (activation == "relu") {
+    const Tensor scale = (inv * w).detach();
+    const Tensor shift = (bias.defined() ? per_channel(bias).detach() : at::zeros_like(mu)) -
+                         mu.detach() * scale;
+    g = g_out * ((x.detach() * scale + shift) > 0);
+  }
+  const Tensor x_hat = (x - mu) * inv;
+  const Tensor sum_g = g.sum(reduce_dims, /*keepdim=*/true);
+  const Tensor sum_g_xhat = (g * x_hat).sum(reduce_dims, /*keepdim=*/true);
+  Tensor grad_input = g;
+  if (training) {
+    const double count = static_cast<double>(input.numel() / input.size(1));
+    grad_input = g - sum_g / count - x_hat * (sum_g_xhat / count);
+  }
+  grad_input = (grad_input * (w * inv)).to(input.scalar_type());
+  // The dtypes of batch_norm_act_backward's outputs.
+  const auto param_dtype = [&](const Tensor& p) { return p.defined() ? p.scalar_type() : acc; };
+  return {grad_input, sum_g_xhat.flatten().to(param_dtype(weight)), sum_g.flatten().to(param_dtype(bias))};
+}
+
+// The gradients of batch_norm_act as a graph node, so that they can be
+// differentiated again: its backward differentiates composite_backward.
 class BatchNormActBackwardFunction
     : public torch::autograd::Function<BatchNormActBackwardFunction> {
  public:
-  static variable_list forward(AutogradContext* /*ctx*/, const Tensor& grad_output,
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_output,
                                const Tensor& input, const c10::optional<Tensor>& weight,
                                const c10::optional<Tensor>& bias, const Tensor& mean,
                                const Tensor& invstd, bool training, c10::string_view activation) {
     auto [grad_input, grad_weight, grad_bias] = batch_norm_act_backward_below_autograd(
         grad_output, input, weight, bias, mean, invstd, training, activation);
+    ctx->save_for_backward({grad_output, input, weight.value_or(Tensor()), bias.value_or(Tensor()),
+                            mean, invstd});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["activation"] = std::string(activation);
     return {grad_input, grad_weight, grad_bias};
   }
 
-  static variable_list backward(AutogradContext* /*ctx*/, const variable_list& /*grads*/) {
-    TORCH_CHECK(false,
-                "fused_bn::batch_norm_act: double backward (the gradient of its gradient) is not "
-                "supported");
+  // grads: of grad_input, grad_weight, grad_bias. Returns the gradients of
+  // their sum weighted by `grads` with respect to grad_output, input and
+  // weight; bias enters only through the piecewise constant mask (zero), and
+  // the statistics are taken as the input's batch statistics in training and
+  // as constants in eval, as nn.BatchNorm's running statistics are.
+  static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const bool create_graph = at::GradMode::is_enabled();
+    const at::AutoGradMode enable_grad(true);
+    const Tensor& weight = saved[2];
+    const bool weight_needed = weight.defined() && ctx->needs_input_grad(2);
+    // Differentiable stand-ins for the saved tensors that need a gradient.
+    const auto differentiable = [&](const Tensor& t, bool needed) {
+      return needed && !t.requires_grad() ? t.detach().requires_grad_() : t;
+    };
+    const Tensor grad_output = differentiable(saved[0], ctx->needs_input_grad(0));
+    const Tensor input = differentiable(saved[1], ctx->needs_input_grad(1));
+    const Tensor weight_in = weight.defined() ? differentiable(weight, weight_needed) : weight;
+    const auto outputs = composite_backward(
+        grad_output, input, weight_in, saved[3], saved[4], saved[5],
+        ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef());
+    variable_list wanted, outputs_used, grads_used;
+    if (ctx->needs_input_grad(0)) wanted.push_back(grad_output);
+    if (ctx->needs_input_grad(1)) wanted.push_back(input);
+    if (weight_needed) wanted.push_back(weight_in);
+    const Tensor composite[3] = {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
+    for (int k = 0; k < 3; ++k) {
+      if (grads[k].defined() && composite[k].requires_grad()) {
+        outputs_used.push_back(composite[k]);
+        grads_used.push_back(grads[k]);
+      }
+    }
+    variable_list found(wanted.size());
+    if (!wanted.empty() && !outputs_used.empty()) {
+      found = torch::autograd::grad(outputs_used, wanted, grads_used, /*retain_graph=*/create_graph,
+                                    create_graph, /*allow_unused=*/true);
+    }
+    // As nn.BatchNorm's double backward: a zero, not a missing, gradient where
+    // one is needed and nothing flows (bias, for one).
+    const auto or_zeros = [](const Tensor& grad, const Tensor& like) {
+      return grad.defined() ? grad : at::zeros_like(like);
+    };
+    variable_list result(8);  // grad_output, input, weight, bias, mean, invstd, training, activation
+    size_t next = 0;
+    if (ctx->needs_input_grad(0)) result[0] = or_zeros(found[next++], grad_output);
+    if (ctx->needs_input_grad(1)) result[1] = or_zeros(found[next++], input);
+    if (weight_needed) result[2] = or_zeros(found[next++], weight_in);
+    const Tensor& bias = saved[3];
+    if (bias.defined() && ctx->needs_input_grad(weight.defined() ? 3 : 2)) result[3] = at::zeros_like(bias);
+    return result;
   }
 };
 

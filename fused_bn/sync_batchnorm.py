@@ -17,6 +17,7 @@ DistributedDataParallel averages them like every other parameter gradient.
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._ops import accumulate_dtype, ops
@@ -121,6 +122,7 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         return output
 
     @staticmethod
+    @once_differentiable  # second derivatives: a clear error, not silently missing terms
     def backward(ctx, grad_output):
         input, weight, bias, mean, invstd = ctx.saved_tensors
         sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(

@@ -419,9 +419,21 @@ def single_value_per_channel(rank, world_size):
     return dict(message=str(error.value), before=before, after=module.state_dict())
 
 
+def double_backward_error(rank, world_size):
+    """The message of differentiating a synchronized step's input gradient again."""
+    module = fused_bn.SyncBatchNormReLU(3).double()
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    # A loss whose gradient depends on the output, so that grad_x depends on x twice.
+    (grad_x,) = torch.autograd.grad(module(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError) as error:
+        grad_x.pow(2).sum().backward()
+    return str(error.value)
+
+
 def two_rank_scenario(rank, world_size):
     results = run_jobs(rank, world_size, [[(None, case)] for case in TWO_RANK_CASES])
     results["single_value"] = single_value_per_channel(rank, world_size)
+    results["double_backward"] = double_backward_error(rank, world_size)
     return results
 
 
@@ -439,6 +451,8 @@ def test_two_ranks(tmp_path):
         single = r["single_value"]
         for key, value in single["before"].items():
             torch.testing.assert_close(single["after"][key], value, rtol=0, atol=0)
+        # Second derivatives of the synchronized op are not implemented.
+        assert "once_differentiable" in r["double_backward"]
 
 
 def test_three_ranks_and_subgroups(tmp_path):
