@@ -216,18 +216,21 @@ def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
     shape = (4, 32, 16, 16)
     numel = math.prod(shape)
     gen = torch.Generator().manual_seed(0)
-    x_base, g_base = torch.randn(numel + 1024, generator=gen), torch.randn(numel + 1024, generator=gen)
+    x_base = torch.randn(numel + 1024, generator=gen)
+    g_base = torch.randn(numel + 1024, generator=gen)
     weight, bias = torch.rand(32, generator=gen) + 0.5, torch.randn(32, generator=gen)
     ops = torch.ops.fused_bn
     for x_start, g_start in [(0, 0), (16, 0), (100, 700), (512, 16), (1000, 480)]:
         x, grad = view_at(x_base, shape, layout, x_start), view_at(g_base, shape, layout, g_start)
         y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
-        grad_input = ops.batch_norm_act_backward(grad, x, weight, bias, mean, invstd, True, "relu")[0]
+        grad_input = ops.batch_norm_act_backward(
+            grad, x, weight, bias, mean, invstd, True, "relu")[0]
         dropped = ops.dropout(x, 0.3, torch.tensor([1, 2]), True)[0]
         # The farthest point of the circle from one offset is 2048 bytes away,
         # from two at least 1024; outputs stay on the 64-byte grid.
         assert page_distance(y, x) >= 2048 - 32 and page_distance(dropped, x) >= 2048 - 32
-        assert page_distance(grad_input, x) >= 1024 - 32 and page_distance(grad_input, grad) >= 1024 - 32
+        assert page_distance(grad_input, x) >= 1024 - 32
+        assert page_distance(grad_input, grad) >= 1024 - 32
         for out in (y, grad_input, dropped):
             assert out.storage_offset() == 0 and out.data_ptr() % 64 == 0
             assert out.untyped_storage().nbytes() == numel * 4
@@ -237,7 +240,8 @@ def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
         assert torch.equal(y, expected_y)
         assert torch.equal(
             grad_input,
-            ops.batch_norm_act_backward(grad.clone(), fresh, weight, bias, mean, invstd, True, "relu")[0],
+            ops.batch_norm_act_backward(
+                grad.clone(), fresh, weight, bias, mean, invstd, True, "relu")[0],
         )
     buffer = io.BytesIO()
     torch.save(y, buffer)
@@ -245,13 +249,17 @@ def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
     assert torch.equal(torch.load(buffer), y)
     values = y.clone()
     y.resize_(2 * numel)
-    assert torch.equal(y[:numel], values.permute(0, 2, 3, 1).reshape(-1) if layout == "channels_last"
-                       else values.reshape(-1))
+    in_memory_order = values.permute(0, 2, 3, 1) if layout == "channels_last" else values
+    assert torch.equal(y[:numel], in_memory_order.reshape(-1))
 
 
 @pytest.mark.parametrize(
     "shape,layout",
-    [((32, 64, 45, 47), "contiguous"), ((32, 67, 45, 45), "channels_last"), ((9, 64, 9), "contiguous")],
+    [
+        ((32, 64, 45, 47), "contiguous"),
+        ((32, 67, 45, 45), "channels_last"),
+        ((9, 64, 9), "contiguous"),
+    ],
     ids=["nchw_streamed", "channels_last_streamed", "small"],
 )
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -270,11 +278,13 @@ def test_reduced_precision_outputs_are_rounded_float32_results(shape, layout, dt
     bias = torch.randn(shape[1], generator=gen)
     ops = torch.ops.fused_bn
     y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, activation)
-    y32, mean32, invstd32 = ops.batch_norm_act(x.float(), weight, bias, None, None, True, 1e-5, activation)
+    y32, mean32, invstd32 = ops.batch_norm_act(
+        x.float(), weight, bias, None, None, True, 1e-5, activation)
     assert torch.equal(mean, mean32) and torch.equal(invstd, invstd32)
     assert torch.equal(y, y32.to(dtype))
     grads = ops.batch_norm_act_backward(grad, x, weight, bias, mean, invstd, True, activation)
-    grads32 = ops.batch_norm_act_backward(grad.float(), x.float(), weight, bias, mean, invstd, True, activation)
+    grads32 = ops.batch_norm_act_backward(
+        grad.float(), x.float(), weight, bias, mean, invstd, True, activation)
     assert torch.equal(grads[0], grads32[0].to(dtype))
     assert torch.equal(grads[1], grads32[1]) and torch.equal(grads[2], grads32[2])
 

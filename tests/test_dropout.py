@@ -219,7 +219,8 @@ def rounded_bits(values, dtype):
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         nan_bits = torch.full_like(rounded, 0x7FC0)
     else:
-        rounded = values.nan_to_num(0.0).to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        as_half = values.nan_to_num(0.0).to(torch.float16)
+        rounded = as_half.view(torch.int16).to(torch.int64) & 0xFFFF
         nan_bits = ((bits >> 16) & 0x8000) | 0x7E00
     out = torch.where(values.isnan(), nan_bits, rounded)
     return (out - ((out >> 15) << 16)).to(torch.int16)  # as signed 16-bit
@@ -228,8 +229,9 @@ def rounded_bits(values, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_reduced_precision_special_values_are_exact_bits(dtype):
     # NaN of either sign and with payloads, infinities, signed zeros,
-    # subnormals and the largest finite values, in every lane of the vector loops and in their scalar
-    # tails: the output bits are those of c10's rounding of the float32 product.
+    # subnormals and the largest finite values, in every lane of the vector
+    # loops and in their scalar tails: the output bits are those of c10's
+    # rounding of the float32 product.
     info = torch.finfo(dtype)
     specials = torch.tensor(
         [float("nan"), -float("nan"), float("inf"), -float("inf"), 0.0, -0.0,
@@ -239,7 +241,8 @@ def test_reduced_precision_special_values_are_exact_bits(dtype):
     # NaNs with a payload, which a plain hardware conversion would carry over.
     payload_nans = torch.tensor([0x7FA0, -0x0060] if dtype == torch.bfloat16 else [0x7D00, -0x0300],
                                 dtype=torch.int16).view(dtype)
-    values = torch.cat([specials.to(dtype), payload_nans]).repeat(41)[: 16 * 33 + 5]  # vectors and a tail
+    # 533 elements: whole vectors and a tail
+    values = torch.cat([specials.to(dtype), payload_nans]).repeat(41)[: 16 * 33 + 5]
     p, seed, offset = 0.5, 11, 2
     out, mask = ops.dropout(values, p, seed_offset(seed, offset), True)
     keep = reference_keep(values.numel(), p, seed, offset)
