@@ -87,10 +87,13 @@ class BatchNormActFunction : public torch::autograd::Function<BatchNormActFuncti
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({mean, invstd});
+    // mean and invstd never get a gradient: do not build zeros for them.
+    ctx->set_materialize_grads(false);
     return {output, mean, invstd};
   }
 
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
+    if (!grads[0].defined()) return variable_list(8);  // no gradient reached the output
     const variable_list saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight = saved[1], &bias = saved[2];
     auto [grad_input, grad_weight, grad_bias] = batch_norm_act_backward_op(
