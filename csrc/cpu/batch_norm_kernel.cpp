@@ -364,7 +364,10 @@ void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
   }
   const int64_t tasks = v.channels * blocks.count;
   std::vector<Partial> part(tasks);
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  // Enough blocks per task to be worth a thread (small inputs run inline).
+  const int64_t block_elements = std::max<int64_t>(1, v.count() * v.channels / tasks);
+  const int64_t blocks_grain = std::max<int64_t>(1, kParallelGrainElements / block_elements);
+  at::parallel_for(0, tasks, blocks_grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t / blocks.count, b = t % blocks.count;
       part[t] = reduce(c, blocks.at(b, v));
@@ -495,11 +498,13 @@ struct RowChunks {
   int64_t rows;         // per chunk
   int64_t count;        // chunks
   int64_t padded_channels;
+  int64_t grain;        // chunks per parallel task: small inputs run inline
 
   RowChunks(const ChannelView& v, int64_t width)
       : rows(std::max<int64_t>(1, kRowChunkElements / std::max<int64_t>(1, v.channels))),
         count(ceil_div(v.outer, rows)),
-        padded_channels(ceil_div(v.channels, width) * width) {}
+        padded_channels(ceil_div(v.channels, width) * width),
+        grain(std::max<int64_t>(1, kParallelGrainElements / std::max<int64_t>(1, rows * v.channels))) {}
 
   int64_t begin(int64_t k) const { return k * rows; }
   int64_t end(int64_t k, const ChannelView& v) const { return std::min(v.outer, (k + 1) * rows); }
@@ -619,7 +624,7 @@ void rows_stats(const scalar_t* x, const ChannelView& v, at::opmath_type<scalar_
   const RowChunks chunks(v, W);
   const int64_t C = v.channels, Cp = chunks.padded_channels;
   std::vector<double> part_mean(chunks.count * C), part_m2(chunks.count * C);
-  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.count, chunks.grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> shift(Cp), sum_d(Cp), sum_d2(Cp);
     for (int64_t k = begin; k < end; ++k) {
       const int64_t r0 = chunks.begin(k), r1 = chunks.end(k, v);
@@ -698,7 +703,7 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
   std::vector<acc_t> mean_padded(Cp, acc_t(0));
   std::copy_n(mean, v.channels, mean_padded.begin());
   std::vector<acc_t> part_g(chunks.count * Cp, acc_t(0)), part_gx(chunks.count * Cp, acc_t(0));
-  at::parallel_for(0, chunks.count, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks.count, chunks.grain, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       for (int64_t c0 = 0; c0 < v.channels; c0 += kRowBlockVecs * W) {
         const auto scale = load_block<Vec>(p.scale.data(), c0, Cp);
