@@ -6,6 +6,7 @@ Examples:
     python -m benchmarks --ops bn_relu_fwd_bwd --shapes 32,64,56,56 --dtypes float32
     python -m benchmarks --json out.json --markdown out.md --plot out.png
     python -m benchmarks --compile-ops all                # torch.compile baseline on every op
+    python -m benchmarks --threads 1                      # on one CPU thread
 """
 
 import argparse
@@ -64,6 +65,9 @@ def parse_args(argv):
     parser.add_argument("--rounds", type=int, default=5,
                         help="turns the implementations of a row take, interleaved, within "
                              "--min-run-time (default 5)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for every implementation (torch.set_num_threads); "
+                             "default: torch's own count")
     parser.add_argument("--malloc", choices=allocator.MODES, default="steady",
                         help="steady (default): freed blocks are reused instead of being page-faulted "
                              "back in on every call; default: glibc's own settings (see benchmarks/allocator.py)")
@@ -79,6 +83,8 @@ def parse_args(argv):
         args.rounds = 1
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     args.shapes = args.shapes or suite.DEFAULT_SHAPES
     args.ops = args.ops or suite.available_ops()
     if args.compile_ops == ["all"]:
@@ -195,6 +201,8 @@ def plot(path, rows):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     info = machine()
     info["malloc"] = allocator.configure(args.malloc)
     print(f"{info['cpu']}, {info['cores']} threads, torch {info['torch']}, "

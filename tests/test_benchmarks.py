@@ -59,6 +59,20 @@ def test_run_case_row():
     assert row["saved_fused_MB"] < row["saved_eager_MB"]  # BN+ReLU keeps x only
 
 
-def test_rounds_must_be_positive():
+def test_rounds_and_threads_must_be_positive():
     with pytest.raises(SystemExit):
         cli.parse_args(["--rounds", "0"])
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--threads", "0"])
+
+
+def test_threads_option_sets_torch_threads(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(suite, "run", lambda args: seen.append(torch.get_num_threads()) or [])
+    previous = torch.get_num_threads()
+    try:
+        cli.main(["--quick", "--threads", "1", "--json", str(tmp_path / "out.json")])
+    finally:
+        torch.set_num_threads(previous)
+    assert seen == [1]
+    assert '"cores": 1' in (tmp_path / "out.json").read_text()
