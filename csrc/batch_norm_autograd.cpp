@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -181,56 +182,72 @@ class BatchNormActBackwardFunction
     return {grad_input, grad_weight, grad_bias};
   }
 
-  // grads: of grad_input, grad_weight, grad_bias. Returns the gradients of
-  // their sum weighted by `grads` with respect to grad_output, input and
-  // weight; bias enters only through the piecewise constant mask (zero), and
-  // the statistics are taken as the input's batch statistics in training and
-  // as constants in eval, as nn.BatchNorm's running statistics are.
+  // grads: of grad_input, grad_weight, grad_bias. Returns the partial
+  // derivatives of their sum weighted by `grads` with respect to grad_output,
+  // input and weight (autograd composes them with the graph of each: the
+  // composite is built on detached stand-ins). bias enters only through the
+  // piecewise constant mask (a zero gradient); the statistics are the input's
+  // batch statistics in training and constants in eval, as nn.BatchNorm's
+  // running statistics are. Third derivatives raise a clear error.
   static variable_list backward(AutogradContext* ctx, const variable_list& grads) {
     const variable_list saved = ctx->get_saved_variables();
     const bool create_graph = at::GradMode::is_enabled();
-    const at::AutoGradMode enable_grad(true);
     const Tensor& weight = saved[2];
-    const bool weight_needed = weight.defined() && ctx->needs_input_grad(2);
-    // Differentiable stand-ins for the saved tensors that need a gradient.
-    const auto differentiable = [&](const Tensor& t, bool needed) {
-      return needed && !t.requires_grad() ? t.detach().requires_grad_() : t;
-    };
-    const Tensor grad_output = differentiable(saved[0], ctx->needs_input_grad(0));
-    const Tensor input = differentiable(saved[1], ctx->needs_input_grad(1));
-    const Tensor weight_in = weight.defined() ? differentiable(weight, weight_needed) : weight;
-    const auto outputs = composite_backward(
-        grad_output, input, weight_in, saved[3], saved[4], saved[5],
-        ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef());
-    variable_list wanted, outputs_used, grads_used;
-    if (ctx->needs_input_grad(0)) wanted.push_back(grad_output);
-    if (ctx->needs_input_grad(1)) wanted.push_back(input);
-    if (weight_needed) wanted.push_back(weight_in);
-    const Tensor composite[3] = {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
+    const Tensor& bias = saved[3];
+    const bool needed[3] = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                            weight.defined() && ctx->needs_input_grad(2)};
+    const Tensor originals[3] = {saved[0], saved[1], weight};
+    Tensor stand_ins[3];
     for (int k = 0; k < 3; ++k) {
-      if (grads[k].defined() && composite[k].requires_grad()) {
-        outputs_used.push_back(composite[k]);
-        grads_used.push_back(grads[k]);
-      }
+      if (originals[k].defined()) stand_ins[k] = originals[k].detach().requires_grad_(needed[k]);
     }
-    variable_list found(wanted.size());
-    if (!wanted.empty() && !outputs_used.empty()) {
-      found = torch::autograd::grad(outputs_used, wanted, grads_used, /*retain_graph=*/create_graph,
-                                    create_graph, /*allow_unused=*/true);
+    variable_list found(3);
+    {
+      const at::AutoGradMode enable_grad(true);
+      const auto outputs = composite_backward(
+          stand_ins[0], stand_ins[1], stand_ins[2], bias, saved[4], saved[5],
+          ctx->saved_data["training"].toBool(), ctx->saved_data["activation"].toStringRef());
+      const Tensor composite[3] = {std::get<0>(outputs), std::get<1>(outputs), std::get<2>(outputs)};
+      variable_list wanted, outputs_used, grads_used;
+      for (int k = 0; k < 3; ++k) {
+        if (needed[k]) wanted.push_back(stand_ins[k]);
+        if (grads[k].defined() && composite[k].requires_grad()) {
+          outputs_used.push_back(composite[k]);
+          grads_used.push_back(grads[k].detach());
+        }
+      }
+      if (!wanted.empty() && !outputs_used.empty()) {
+        const variable_list partials = torch::autograd::grad(
+            outputs_used, wanted, grads_used, /*retain_graph=*/false, /*create_graph=*/false,
+            /*allow_unused=*/true);
+        size_t next = 0;
+        for (int k = 0; k < 3; ++k) {
+          if (needed[k]) found[k] = partials[next++];
+        }
+      }
     }
     // As nn.BatchNorm's double backward: a zero, not a missing, gradient where
     // one is needed and nothing flows (bias, for one).
-    const auto or_zeros = [](const Tensor& grad, const Tensor& like) {
-      return grad.defined() ? grad : at::zeros_like(like);
-    };
     variable_list result(8);  // grad_output, input, weight, bias, mean, invstd, training, activation
-    size_t next = 0;
-    if (ctx->needs_input_grad(0)) result[0] = or_zeros(found[next++], grad_output);
-    if (ctx->needs_input_grad(1)) result[1] = or_zeros(found[next++], input);
-    if (weight_needed) result[2] = or_zeros(found[next++], weight_in);
-    const Tensor& bias = saved[3];
-    if (bias.defined() && ctx->needs_input_grad(weight.defined() ? 3 : 2)) result[3] = at::zeros_like(bias);
-    return result;
+    for (int k = 0; k < 3; ++k) {
+      if (needed[k]) result[k] = found[k].defined() ? found[k] : at::zeros_like(originals[k]);
+    }
+    if (bias.defined() && ctx->needs_input_grad(weight.defined() ? 3 : 2)) {
+      result[3] = at::zeros_like(bias);
+    }
+    return create_graph ? refuse_third_derivative(std::move(result)) : result;
+  }
+
+ private:
+  // The gradients as tensors whose own gradient raises (a third derivative),
+  // as Python's @once_differentiable makes them.
+  static variable_list refuse_third_derivative(variable_list grads) {
+    for (Tensor& g : grads) {
+      if (g.defined()) g = g.detach().requires_grad_();
+    }
+    torch::autograd::DelayedError error(
+        "fused_bn::batch_norm_act: third derivatives are not supported", grads.size());
+    return error.apply(std::move(grads));
   }
 };
 

@@ -163,28 +163,49 @@ def test_gradgradcheck(layout, affine, training, activation):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("training", [True, False])
 def test_gradient_penalty_matches_torch(layout, training):
-    # A WGAN-GP style penalty on the input gradient, differentiated again:
-    # the same values and gradients as nn.BatchNorm2d + nn.ReLU.
-    x0 = layout_input((6, 4, 5, 5), layout, torch.float64)
-    weight, bias = channel_params(4)
-    fused = fused_bn.BatchNormReLU2d(4).double()
-    reference = nn.Sequential(nn.BatchNorm2d(4), nn.ReLU()).double()
-    results = []
-    for module, bn in ((fused, fused), (reference, reference[0])):
+    # A WGAN-GP style penalty on the input gradient, differentiated again,
+    # through conv -> BN+ReLU -> conv -> BN with a loss whose gradient depends
+    # on the output: the same values and gradients (every parameter's, the
+    # input's) as the same network built from torch's modules.
+    x0 = layout_input((6, 3, 7, 7), layout, torch.float64)
+
+    def network(bn_relu, bn):
+        torch.manual_seed(3)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), *bn_relu, nn.Conv2d(4, 4, 3), bn)
+        net = net.double().to(memory_format=torch.channels_last if layout == "channels_last"
+                              else torch.contiguous_format)
         with torch.no_grad():
-            bn.weight.copy_(weight)
-            bn.bias.copy_(bias)
-            bn.running_var.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(1))
-        module.train(training)
+            for module in net.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.weight.uniform_(0.5, 1.5)
+                    module.bias.uniform_(-0.3, 0.3)
+                    module.running_var.uniform_(0.5, 1.5)
+        return net.train(training)
+
+    fused = network([fused_bn.BatchNormReLU2d(4)], fused_bn.BatchNorm2d(4))
+    reference = network([nn.BatchNorm2d(4), nn.ReLU()], nn.BatchNorm2d(4))
+    results = []
+    for net in (fused, reference):
         x = x0.clone().requires_grad_()
-        y = module(x)
+        y = net(x)
         v = torch.sin(torch.arange(y.numel(), dtype=torch.float64)).view_as(y)
-        (grad_x,) = torch.autograd.grad((y * v).sum(), x, create_graph=True)
+        loss = (y * v).sum() + y.pow(2).mean()
+        (grad_x,) = torch.autograd.grad(loss, x, create_graph=True)
         (grad_x ** 2).sum().backward()
-        results.append((grad_x.detach(), x.grad, bn.weight.grad, bn.bias.grad))
-    # bias.grad included: zeros (bias enters only through the ReLU mask), as torch's
+        results.append([grad_x.detach(), x.grad] + [p.grad for p in net.parameters()])
+    # bias grads included: BatchNorm's bias enters the input gradient only through
+    # the ReLU mask (and not at all before a second BatchNorm): zeros, as torch's.
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_third_derivative_raises():
+    x = layout_input((4, 3, 5), "contiguous", torch.float64).requires_grad_()
+    y = fused_bn.BatchNormReLU1d(3).double()(x)
+    (grad_x,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (grad_grad_x,) = torch.autograd.grad(grad_x.pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="third derivatives are not supported"):
+        grad_grad_x.sum().backward()
 
 
 def test_forward_mode_ad_raises():
