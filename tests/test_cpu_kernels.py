@@ -294,6 +294,9 @@ def test_reduced_precision_outputs_are_rounded_float32_results(shape, layout, dt
     [
         ((8, 64, 9, 9), "contiguous"),  # channel path with 1 and with 2 threads
         ((8, 3, 40, 40), "contiguous"),  # channel path with 1 thread, split path with 2
+        # Channel slabs of 1 MB (x) and 2 MB (x and grad), beyond a core's L2:
+        # 2 and 3 threads share every channel (split planes, uneven shares).
+        ((16, 6, 130, 130), "contiguous"),
         ((8, 48, 10, 10), "channels_last"),
         ((300, 37), "contiguous"),
     ],
@@ -305,13 +308,14 @@ def test_thread_count_does_not_change_results(shape, layout, activation):
     threads = torch.get_num_threads()
     try:
         results = []
-        for count in (1, 2):
+        for count in (1, 2, 3):
             torch.set_num_threads(count)
             results.append(check_against_references(shape, torch.float32, layout, activation, True))
     finally:
         torch.set_num_threads(threads)
-    for key in results[0]:
-        assert torch.equal(results[0][key], results[1][key]), key
+    for result in results[1:]:
+        for key in results[0]:
+            assert torch.equal(results[0][key], result[key]), key
 
 
 @pytest.mark.parametrize(

@@ -33,11 +33,16 @@
 #include <vector>
 
 #include "batch_norm_kernel.h"
+#include "cpu_capability.h"
 #include "fused_bn/batch_norm_math.h"
 #include "fused_bn/welford.h"
 
 #ifndef CPU_CAPABILITY
 #error "compile batch_norm_kernel.cpp once per ISA with CPU_CAPABILITY defined (see setup.py)"
+#endif
+
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
@@ -177,6 +182,13 @@ inline void for_each_vec(int64_t n, const Body& body) {
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth) body(i, kWidth);
   if (i < n) body(i, n - i);
+}
+
+// Asks for the cache line holding p, into L2 (not L1: a block of the next
+// slab would evict the block being read from L1).
+template <typename T>
+inline void prefetch_to_l2(const T* p) {
+  __builtin_prefetch(p, /*rw=*/0, /*locality=*/2);
 }
 
 // The forward output before the activation and the ReLU mask in backward
@@ -330,37 +342,96 @@ inline void for_each_run(const ChannelView& v, int64_t c, const Span& span, cons
 // slower than the memory-order elementwise pass does.
 constexpr int64_t kMinSlabPlane = 1024;
 
-// Whether a thread should own each channel from its reduction to its
-// elementwise pass, which then re-reads the slab from cache: when whole
-// channels are enough parallel tasks to keep every thread busy and planes
-// are long. Otherwise blocks of every channel are spread over the threads
-// and the elementwise pass runs in memory order.
-bool parallel_over_channels(const ChannelView& v) {
-  const int64_t threads = at::get_num_threads();
+// How a channel-first reduce-then-apply is spread over the threads.
+enum class SlabSchedule {
+  // Blocks of every channel over the threads, then the elementwise pass in
+  // memory order: few channels or short planes.
+  kMemoryOrder,
+  // Each thread owns whole channels and pipelines them (pipeline_slabs).
+  kChannelsPerThread,
+  // Every thread takes its share of the blocks of every channel, pipelined
+  // the same way in lockstep (a barrier per channel): where two slabs would
+  // not fit in one core's L2, a share of them does.
+  kSharedChannels,
+};
+
+// `slab_bytes`: what the elementwise pass re-reads of one channel.
+SlabSchedule slab_schedule(const ChannelView& v, const ChannelBlocks& blocks, int64_t slab_bytes) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   const bool enough_channels = v.channels % threads == 0 || v.channels >= 8 * threads;
-  return enough_channels && v.inner >= kMinSlabPlane;
+  if (!enough_channels || v.inner < kMinSlabPlane) return SlabSchedule::kMemoryOrder;
+#ifdef _OPENMP
+  const bool pipeline_fits = 2 * slab_bytes <= l2_cache_bytes();
+  if (!pipeline_fits && threads > 1 && blocks.count >= threads) return SlabSchedule::kSharedChannels;
+#endif
+  return SlabSchedule::kChannelsPerThread;
 }
 
 // For every channel c: part[b] = reduce(c, span) over its blocks, then
-// finish(c, part) once all blocks of c are reduced, then apply(c, span) over
-// the channel. finish merges part in block order, so the result is the same
-// for any thread count.
+// finish(c, part) once all blocks of c are reduced, then apply(c, span,
+// lookahead) over the channel. finish merges part in block order, so the
+// result is the same for any thread count and schedule.
+//
+// Channels [c0, c1), blocks [b0, b1) of each, pipelined: block b of channel c
+// is applied (from cache), then block b of channel c + 1 is reduced, and
+// apply prefetches that block `lookahead` elements ahead of what it reads.
+// The reads of the next slab from memory then overlap the streaming writes
+// of this one, as in a copy, instead of alternating with them.
+// Where several threads share the channels (`sync` a barrier), the
+// `finisher` alone calls finish, between two barriers.
+template <typename Partial, typename Sync, typename Reduce, typename Finish, typename Apply>
+void pipeline_slabs(const ChannelView& v, const ChannelBlocks& blocks, int64_t c0, int64_t c1,
+                    int64_t b0, int64_t b1, Partial* part, bool finisher, const Sync& sync,
+                    const Reduce& reduce, const Finish& finish, const Apply& apply) {
+  const auto reduced = [&](int64_t c) {
+    sync();
+    if (finisher) finish(c, part);
+    sync();
+  };
+  for (int64_t b = b0; b < b1; ++b) part[b] = reduce(c0, blocks.at(b, v));
+  reduced(c0);
+  for (int64_t c = c0; c < c1; ++c) {
+    const bool next = c + 1 < c1;
+    for (int64_t b = b0; b < b1; ++b) {
+      const Span span = blocks.at(b, v);
+      apply(c, span, next ? v.inner : 0);
+      if (next) part[b] = reduce(c + 1, span);
+    }
+    if (next) reduced(c + 1);
+  }
+  fence_streaming_stores();
+}
+
 template <typename Partial, typename Reduce, typename Finish, typename Apply>
-void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
+void reduce_then_apply_per_channel(const ChannelView& v, int64_t slab_bytes, const Reduce& reduce,
                                    const Finish& finish, const Apply& apply) {
   const ChannelBlocks blocks(v);
-  if (parallel_over_channels(v)) {
-    const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.count());
-    at::parallel_for(0, v.channels, grain, [&](int64_t begin, int64_t end) {
+  switch (slab_schedule(v, blocks, slab_bytes)) {
+    case SlabSchedule::kChannelsPerThread: {
+      const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.count());
+      at::parallel_for(0, v.channels, grain, [&](int64_t begin, int64_t end) {
+        std::vector<Partial> part(blocks.count);
+        pipeline_slabs(v, blocks, begin, end, 0, blocks.count, part.data(), true, [] {}, reduce,
+                       finish, apply);
+      });
+      return;
+    }
+    case SlabSchedule::kSharedChannels: {
+#ifdef _OPENMP
+      // A parallel region of its own: at::parallel_for has no barrier.
       std::vector<Partial> part(blocks.count);
-      for (int64_t c = begin; c < end; ++c) {
-        for (int64_t b = 0; b < blocks.count; ++b) part[b] = reduce(c, blocks.at(b, v));
-        finish(c, part.data());
-        apply(c, Span{0, v.outer, 0, v.inner});
+#pragma omp parallel num_threads(static_cast<int>(at::get_num_threads()))
+      {
+        const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+        pipeline_slabs(v, blocks, 0, v.channels, blocks.count * thread / threads,
+                       blocks.count * (thread + 1) / threads, part.data(), thread == 0,
+                       [] { _Pragma("omp barrier") }, reduce, finish, apply);
       }
-      fence_streaming_stores();
-    });
-    return;
+      return;
+#endif
+    }  // (not chosen without OpenMP)
+    case SlabSchedule::kMemoryOrder:
+      break;
   }
   const int64_t tasks = v.channels * blocks.count;
   std::vector<Partial> part(tasks);
@@ -379,7 +450,7 @@ void reduce_then_apply_per_channel(const ChannelView& v, const Reduce& reduce,
   at::parallel_for(0, v.outer * v.channels, grain, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       const int64_t n = p / v.channels;
-      apply(p % v.channels, Span{n, n + 1, 0, v.inner});
+      apply(p % v.channels, Span{n, n + 1, 0, v.inner}, 0);
     }
     fence_streaming_stores();
   });
@@ -420,13 +491,16 @@ BlockStats block_stats(const scalar_t* x, const ChannelView& v, int64_t c, const
   return shifted_moments(span.count(), 1.0 / span.count(), shift, sums[0], sums[1]);
 }
 
+// lookahead != 0: also prefetches x[i + lookahead] (the next slab).
 template <typename scalar_t, Activation act>
 void normalize_span(const scalar_t* x, scalar_t* y, int64_t n,
-                    ChannelAffine<at::opmath_type<scalar_t>> affine, const OutputStore<scalar_t>& store) {
+                    ChannelAffine<at::opmath_type<scalar_t>> affine, const OutputStore<scalar_t>& store,
+                    int64_t lookahead) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift);
   for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
+    if (lookahead != 0) prefetch_to_l2(x + i + lookahead);
     store(y + i, activate_vec<act>(pre_activation(IO::load(x + i, count), scale, shift)), count);
   });
 }
@@ -478,11 +552,15 @@ template <typename scalar_t, Activation act>
 void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
                      ChannelAffine<at::opmath_type<scalar_t>> affine,
                      ChannelGradInput<at::opmath_type<scalar_t>> coef,
-                     const OutputStore<scalar_t>& store) {
+                     const OutputStore<scalar_t>& store, int64_t lookahead) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift), a(coef.a), b(coef.b), c(coef.c);
   for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
+    if (lookahead != 0) {
+      prefetch_to_l2(x + i + lookahead);
+      prefetch_to_l2(dy + i + lookahead);
+    }
     const Vec xv = IO::load(x + i, count);
     const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
     store(dx + i, grad_input_vec(g, xv, a, b, c), count);
@@ -843,8 +921,10 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Channel
   const int64_t blocks = ChannelBlocks(v).count;
   std::vector<ChannelGradInput<acc_t>> coef(v.channels);
   const OutputStore<scalar_t> store(v);
+  // The elementwise pass re-reads x and dy.
+  const int64_t slab_bytes = dx == nullptr ? 0 : 2 * v.count() * int64_t(sizeof(scalar_t));
   reduce_then_apply_per_channel<std::array<acc_t, 2>>(
-      v,
+      v, slab_bytes,
       [&](int64_t c, const Span& span) {
         return block_grad_sums<scalar_t, act>(dy, x, v, c, span, affine[c], p.mean[c]);
       },
@@ -854,11 +934,11 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Channel
         sum_gx[c] = sums[1];
         coef[c] = p.grad_input(c, training, sums[0], sums[1], count);
       },
-      [&](int64_t c, const Span& span) {
+      [&](int64_t c, const Span& span, int64_t lookahead) {
         if (dx == nullptr) return;
         for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
           grad_input_span<scalar_t, act>(dy + offset, x + offset, dx + offset, length, affine[c],
-                                         coef[c], store);
+                                         coef[c], store, lookahead);
         });
       });
 }
@@ -875,13 +955,13 @@ void stats_kernel(const at::Tensor& input, const ChannelView& v, at::Tensor& mea
     if (v.inner == 1) return rows_stats(x, v, mean_p, m2_p);
     const int64_t blocks = ChannelBlocks(v).count;
     reduce_then_apply_per_channel<BlockStats>(
-        v, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+        v, /*slab_bytes=*/0, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
         [&](int64_t c, const BlockStats* part) {
           const auto stats = merge_blocks(part, blocks);
           mean_p[c] = stats.mean;
           m2_p[c] = stats.m2;
         },
-        [](int64_t, const Span&) {});
+        [](int64_t, const Span&, int64_t) {});
   });
 }
 
@@ -910,17 +990,19 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
       const int64_t blocks = ChannelBlocks(v).count;
       std::vector<ChannelAffine<acc_t>> affine(v.channels);
       const OutputStore<scalar_t> store(v);
+      const int64_t slab_bytes = v.count() * int64_t(sizeof(scalar_t));  // x, re-read
       reduce_then_apply_per_channel<BlockStats>(
-          v, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+          v, slab_bytes, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
           [&](int64_t c, const BlockStats* part) {
             const auto stats = merge_blocks(part, blocks);
             mean_p[c] = stats.mean;
             invstd_p[c] = inverse_std(stats.biased_var(), eps);
             affine[c] = p.affine(c);
           },
-          [&](int64_t c, const Span& span) {
+          [&](int64_t c, const Span& span, int64_t lookahead) {
             for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c], store);
+              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c], store,
+                                             lookahead);
             });
           });
     });
@@ -944,7 +1026,7 @@ void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::T
       }
       const OutputStore<scalar_t> store(v);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
-        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], store);
+        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], store, 0);
       });
     });
   });
@@ -990,7 +1072,7 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
       for_each_plane(v, [&](int64_t c, int64_t offset) {
         grad_input_span<scalar_t, kAct>(dy + offset, x + offset, dx + offset, v.inner,
                                         {coef.scale[c], coef.shift[c]},
-                                        {coef.a[c], coef.b[c], coef.c[c]}, store);
+                                        {coef.a[c], coef.b[c], coef.c[c]}, store, 0);
       });
     });
   });

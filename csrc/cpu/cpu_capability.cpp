@@ -7,6 +7,10 @@
 #include <cctype>
 #include <cstdlib>
 
+#if defined(__unix__)
+#include <unistd.h>
+#endif
+
 namespace fused_bn::cpu {
 namespace {
 
@@ -93,6 +97,17 @@ CpuCapability cpu_capability() {
     return requested != nullptr && *requested != '\0' ? forced(requested) : automatic();
   }();
   return chosen;
+}
+
+int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t reported = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    reported = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return reported > 0 ? reported : int64_t(1) << 20;
+  }();
+  return bytes;
 }
 
 }  // namespace fused_bn::cpu

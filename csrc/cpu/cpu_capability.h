@@ -7,6 +7,7 @@
 //       was not compiled or the CPU lacks it);
 //   otherwise the best compiled one not above torch's own choice
 //   (at::get_cpu_capability(), which honours ATEN_CPU_CAPABILITY).
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -21,5 +22,8 @@ std::string cpu_capability_name(CpuCapability capability);
 
 // The copies compiled into this build, lowest first.
 std::vector<CpuCapability> compiled_cpu_capabilities();
+
+// One core's L2 cache, as the OS reports it (1 MiB where it does not).
+int64_t l2_cache_bytes();
 
 }  // namespace fused_bn::cpu
