@@ -99,11 +99,20 @@ struct VecIO {
   }
 };
 
+// Where the pass that writes an output reads its inputs from.
+enum class InputSource { kMemory, kL2Slab };
+
 // Outputs much larger than the caches are written with non-temporal stores
 // (AVX2/AVX512, whole aligned vectors): their lines are not read into the
 // cache before being overwritten, which saves a pass over memory, and they
-// do not evict the inputs that an elementwise pass re-reads.
-constexpr int64_t kStreamingBytes = int64_t(8) << 20;
+// do not evict the slabs that a pass re-reads from L2. Such a pass streams
+// outputs from kSlabStreamingBytes. A pass that reads its inputs from memory
+// streams only once they exceed kInputStreamingBytes: smaller inputs partly
+// stay in L3 from the reduction just before, and ordinary stores, written
+// back later, cost less there (the [4096,512] float32 elementwise pass took
+// 0.13-0.19 ms with them, 0.19-0.33 ms streamed).
+constexpr int64_t kSlabStreamingBytes = int64_t(8) << 20;
+constexpr int64_t kInputStreamingBytes = int64_t(16) << 20;
 
 #ifdef FUSED_BN_STREAMING_STORES
 #ifdef CPU_CAPABILITY_AVX512
@@ -148,8 +157,12 @@ inline void store_bits(void* p, __m128i v, bool stream) {
 template <typename scalar_t>
 class OutputStore {
  public:
-  explicit OutputStore(const ChannelView& v)
-      : stream_(v.count() * v.channels * static_cast<int64_t>(sizeof(scalar_t)) >= kStreamingBytes) {}
+  // `inputs`: how many tensors of the output's size the pass reads.
+  OutputStore(const ChannelView& v, int64_t inputs, InputSource source) {
+    const int64_t bytes = v.count() * v.channels * static_cast<int64_t>(sizeof(scalar_t));
+    stream_ = source == InputSource::kL2Slab ? bytes >= kSlabStreamingBytes
+                                             : inputs * bytes >= kInputStreamingBytes;
+  }
 
   template <typename Vec>
   void operator()(scalar_t* p, const Vec& v, int64_t count) const {
@@ -166,7 +179,7 @@ class OutputStore {
   }
 
  private:
-  [[maybe_unused]] bool stream_;
+  [[maybe_unused]] bool stream_ = false;
 };
 
 // Makes a thread's non-temporal stores visible before its parallel task ends.
@@ -367,6 +380,10 @@ SlabSchedule slab_schedule(const ChannelView& v, const ChannelBlocks& blocks, in
   return SlabSchedule::kChannelsPerThread;
 }
 
+InputSource input_source(SlabSchedule schedule) {
+  return schedule == SlabSchedule::kMemoryOrder ? InputSource::kMemory : InputSource::kL2Slab;
+}
+
 // For every channel c: part[b] = reduce(c, span) over its blocks, then
 // finish(c, part) once all blocks of c are reduced, then apply(c, span,
 // lookahead) over the channel. finish merges part in block order, so the
@@ -403,10 +420,10 @@ void pipeline_slabs(const ChannelView& v, const ChannelBlocks& blocks, int64_t c
 }
 
 template <typename Partial, typename Reduce, typename Finish, typename Apply>
-void reduce_then_apply_per_channel(const ChannelView& v, int64_t slab_bytes, const Reduce& reduce,
+void reduce_then_apply_per_channel(const ChannelView& v, const ChannelBlocks& blocks,
+                                   SlabSchedule schedule, const Reduce& reduce,
                                    const Finish& finish, const Apply& apply) {
-  const ChannelBlocks blocks(v);
-  switch (slab_schedule(v, blocks, slab_bytes)) {
+  switch (schedule) {
     case SlabSchedule::kChannelsPerThread: {
       const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.count());
       at::parallel_for(0, v.channels, grain, [&](int64_t begin, int64_t end) {
@@ -755,7 +772,7 @@ void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
                     const PaddedChannels<at::opmath_type<scalar_t>>& p) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  const OutputStore<scalar_t> store(v);
+  const OutputStore<scalar_t> store(v, 1, InputSource::kMemory);
   const auto* scale = p.scale.data();
   const auto* shift = p.shift.data();
   // Captures by value (see for_each_row_vec).
@@ -816,7 +833,7 @@ void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const 
                      const PaddedChannels<at::opmath_type<scalar_t>>& p) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  const OutputStore<scalar_t> store(v);
+  const OutputStore<scalar_t> store(v, 2, InputSource::kMemory);
   const auto *scale = p.scale.data(), *shift = p.shift.data();
   const auto *a = p.a.data(), *b = p.b.data(), *c_term = p.c.data();
   // Captures by value (see for_each_row_vec).
@@ -918,18 +935,19 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Channel
     }
     return;
   }
-  const int64_t blocks = ChannelBlocks(v).count;
+  const ChannelBlocks blocks(v);
   std::vector<ChannelGradInput<acc_t>> coef(v.channels);
-  const OutputStore<scalar_t> store(v);
   // The elementwise pass re-reads x and dy.
   const int64_t slab_bytes = dx == nullptr ? 0 : 2 * v.count() * int64_t(sizeof(scalar_t));
+  const SlabSchedule schedule = slab_schedule(v, blocks, slab_bytes);
+  const OutputStore<scalar_t> store(v, 2, input_source(schedule));
   reduce_then_apply_per_channel<std::array<acc_t, 2>>(
-      v, slab_bytes,
+      v, blocks, schedule,
       [&](int64_t c, const Span& span) {
         return block_grad_sums<scalar_t, act>(dy, x, v, c, span, affine[c], p.mean[c]);
       },
       [&](int64_t c, const std::array<acc_t, 2>* part) {
-        const auto sums = merge_blocks(part, blocks);
+        const auto sums = merge_blocks(part, blocks.count);
         sum_g[c] = sums[0];
         sum_gx[c] = sums[1];
         coef[c] = p.grad_input(c, training, sums[0], sums[1], count);
@@ -953,11 +971,12 @@ void stats_kernel(const at::Tensor& input, const ChannelView& v, at::Tensor& mea
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* m2_p = m2.mutable_data_ptr<acc_t>();
     if (v.inner == 1) return rows_stats(x, v, mean_p, m2_p);
-    const int64_t blocks = ChannelBlocks(v).count;
+    const ChannelBlocks blocks(v);
     reduce_then_apply_per_channel<BlockStats>(
-        v, /*slab_bytes=*/0, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+        v, blocks, slab_schedule(v, blocks, /*slab_bytes=*/0),
+        [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
         [&](int64_t c, const BlockStats* part) {
-          const auto stats = merge_blocks(part, blocks);
+          const auto stats = merge_blocks(part, blocks.count);
           mean_p[c] = stats.mean;
           m2_p[c] = stats.m2;
         },
@@ -987,14 +1006,15 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
         return rows_normalize<scalar_t, kAct>(
             x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
       }
-      const int64_t blocks = ChannelBlocks(v).count;
+      const ChannelBlocks blocks(v);
       std::vector<ChannelAffine<acc_t>> affine(v.channels);
-      const OutputStore<scalar_t> store(v);
       const int64_t slab_bytes = v.count() * int64_t(sizeof(scalar_t));  // x, re-read
+      const SlabSchedule schedule = slab_schedule(v, blocks, slab_bytes);
+      const OutputStore<scalar_t> store(v, 1, input_source(schedule));
       reduce_then_apply_per_channel<BlockStats>(
-          v, slab_bytes, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
+          v, blocks, schedule, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
           [&](int64_t c, const BlockStats* part) {
-            const auto stats = merge_blocks(part, blocks);
+            const auto stats = merge_blocks(part, blocks.count);
             mean_p[c] = stats.mean;
             invstd_p[c] = inverse_std(stats.biased_var(), eps);
             affine[c] = p.affine(c);
@@ -1024,7 +1044,7 @@ void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::T
         return rows_normalize<scalar_t, kAct>(
             x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
       }
-      const OutputStore<scalar_t> store(v);
+      const OutputStore<scalar_t> store(v, 1, InputSource::kMemory);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
         normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], store, 0);
       });
@@ -1068,7 +1088,7 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
           training ? mean_dy_xmu.const_data_ptr<acc_t>() : nullptr, acc_t(1),
           VecIO<scalar_t>::kWidth);
       if (v.inner == 1) return rows_grad_input<scalar_t, kAct>(dy, x, dx, v, coef);
-      const OutputStore<scalar_t> store(v);
+      const OutputStore<scalar_t> store(v, 2, InputSource::kMemory);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
         grad_input_span<scalar_t, kAct>(dy + offset, x + offset, dx + offset, v.inner,
                                         {coef.scale[c], coef.shift[c]},
