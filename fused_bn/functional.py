@@ -8,6 +8,8 @@ statistics for backward.
 import math
 
 import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
 
 from ._ops import ACTIVATIONS, ops
 
@@ -33,6 +35,40 @@ def _check_devices(input, *per_channel):
             )
 
 
+def _under_transform(*tensors):
+    """Whether torch.func transforms (grad, vjp, jvp, vmap, ...) are active or a tensor carries
+    a forward-mode tangent: the fused op's autograd (C++) supports neither."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def _composite_batch_norm(
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+    num_batches_tracked,
+):
+    """The same computation in torch's own ops, which every transform knows: used under
+    torch.func transforms and forward-mode AD."""
+    tracked = training and num_batches_tracked is not None
+    if tracked:
+        # First, as torch's _BatchNorm: torch.func refuses this update of a
+        # captured buffer, with its own error, before anything has changed.
+        num_batches_tracked.add_(1)
+    if momentum is not None:
+        factor = momentum
+    else:  # cumulative average, as torch's _BatchNorm
+        factor = 1.0 / float(num_batches_tracked) if tracked else 0.0
+    try:
+        output = F.batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
+    except Exception:
+        if tracked:
+            num_batches_tracked.sub_(1)  # a call that raises changes nothing
+        raise
+    return F.relu(output) if activation == "relu" else output
+
+
 def _batch_norm(
     input,
     running_mean,
@@ -52,6 +88,11 @@ def _batch_norm(
         _verify_batch_size(input.size())
     elif running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required when training=False")
+    if _under_transform(input, weight, bias):
+        return _composite_batch_norm(
+            input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+            num_batches_tracked,
+        )
     # The functional op raises on bad input before anything is written; the
     # running statistics are updated only after it has succeeded.
     output, mean, invstd = ops.batch_norm_act(
