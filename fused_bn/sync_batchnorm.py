@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._ops import accumulate_dtype, ops
-from .functional import _check_devices
+from .functional import _check_devices, _under_transform
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "communicated_bytes", "convert_sync_batchnorm"]
@@ -201,6 +201,14 @@ class SyncBatchNorm(_BatchNormAct):
         running_var = self.running_var if track else None
         # Checked before the collective: a bad call raises without entering it.
         _check_devices(input, self.weight, self.bias, running_mean, running_var)
+        if _under_transform(input, self.weight, self.bias):
+            # Else the step would run (statistics updated) before autograd
+            # found that the synchronized Function has no forward-mode formula.
+            raise RuntimeError(
+                f"{type(self).__name__}: a synchronized training step supports neither "
+                "forward-mode AD nor torch.func transforms (nor does nn.SyncBatchNorm's); "
+                "in eval mode, or without a process group of several ranks, both work"
+            )
         return _SyncBatchNormActFunction.apply(
             input,
             self.weight,

@@ -18,6 +18,7 @@ from multiprocessing.connection import wait
 
 import pytest
 import torch
+import torch.autograd.forward_ad as forward_ad
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import FUSED_BN, FUSED_BN_RELU, TOLERANCE, TORCH_BN, bn_kind, reference_bn_module
@@ -430,10 +431,28 @@ def double_backward_error(rank, world_size):
     return str(error.value)
 
 
+def transform_errors(rank, world_size):
+    """A synchronized step under forward-mode AD and under torch.func.grad: the
+    messages, and whether the state stayed as it was."""
+    module = fused_bn.SyncBatchNormReLU(3).double()
+    before = copy.deepcopy(module.state_dict())
+    x = torch.randn(4, 3, 5, dtype=torch.float64)
+    messages = []
+    with pytest.raises(RuntimeError) as error, forward_ad.dual_level():
+        module(forward_ad.make_dual(x, torch.ones_like(x)))
+    messages.append(str(error.value))
+    with pytest.raises(RuntimeError) as error:
+        torch.func.grad(lambda t: module(t).sum())(x)
+    messages.append(str(error.value))
+    unchanged = all(torch.equal(module.state_dict()[k], v) for k, v in before.items())
+    return dict(messages=messages, unchanged=unchanged)
+
+
 def two_rank_scenario(rank, world_size):
     results = run_jobs(rank, world_size, [[(None, case)] for case in TWO_RANK_CASES])
     results["single_value"] = single_value_per_channel(rank, world_size)
     results["double_backward"] = double_backward_error(rank, world_size)
+    results["transforms"] = transform_errors(rank, world_size)
     return results
 
 
@@ -453,6 +472,10 @@ def test_two_ranks(tmp_path):
             torch.testing.assert_close(single["after"][key], value, rtol=0, atol=0)
         # Second derivatives of the synchronized op are not implemented.
         assert "once_differentiable" in r["double_backward"]
+        # Nor are forward-mode AD and torch.func: raised before the step runs.
+        for message in r["transforms"]["messages"]:
+            assert "SyncBatchNormReLU: a synchronized training step supports neither" in message
+        assert r["transforms"]["unchanged"]
 
 
 def test_three_ranks_and_subgroups(tmp_path):

@@ -20,8 +20,12 @@ PAIRS = [
      (4, 3, 5, 6)),
     (fused_bn.BatchNormReLU1d, lambda c, **kw: nn.Sequential(nn.BatchNorm1d(c, **kw), nn.ReLU()),
      (8, 5)),
+    # Without a process group of several ranks, both SyncBatchNorms compute locally.
+    (fused_bn.SyncBatchNorm, lambda c, **kw: nn.SyncBatchNorm(c, **kw), (4, 3, 5, 6)),
+    (fused_bn.SyncBatchNormReLU,
+     lambda c, **kw: nn.Sequential(nn.SyncBatchNorm(c, **kw), nn.ReLU()), (4, 3, 5, 6)),
 ]
-IDS = ["bn2d", "bn_relu2d", "bn_relu1d"]
+IDS = ["bn2d", "bn_relu2d", "bn_relu1d", "sync_bn", "sync_bn_relu"]
 
 
 def batch_norm_of(module):
