@@ -17,9 +17,8 @@ import platform
 import re
 import sys
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -49,7 +48,9 @@ def want_cuda():
             )
         return True, "FUSED_BN_CUDA=1"
     if available:
-        return True, f"nvcc at {cpp_extension.CUDA_HOME}, torch built with CUDA {torch.version.cuda}"
+        return True, (
+            f"nvcc at {cpp_extension.CUDA_HOME}, torch built with CUDA {torch.version.cuda}"
+        )
     if torch.version.cuda is None:
         return False, "the installed torch is a CPU build"
     return False, "nvcc not found (set CUDA_HOME)"
@@ -118,7 +119,8 @@ class BuildExtension(cpp_extension.BuildExtension):
             ext.extra_objects += self.compiler.compile(
                 CPU_ISA_SOURCES,
                 output_dir=os.path.join(self.build_temp, f"cpu_{isa.lower()}"),
-                macros=ext.define_macros + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
+                macros=ext.define_macros
+                + [("CPU_CAPABILITY", isa), (f"CPU_CAPABILITY_{isa}", None)],
                 include_dirs=ext.include_dirs,
                 debug=self.debug,
                 extra_postargs=cflags,
@@ -159,7 +161,11 @@ def extension():
     define_macros.append(("FUSED_BN_CUDA_ARCHS", f'"{archs}"'))
     print(
         f"fused_bn {version}: building "
-        + (f"CPU + CUDA kernels (archs {archs}; {reason})" if with_cuda else f"CPU kernels only ({reason})"),
+        + (
+            f"CPU + CUDA kernels (archs {archs}; {reason})"
+            if with_cuda
+            else f"CPU kernels only ({reason})"
+        ),
         flush=True,
     )
     return builder(

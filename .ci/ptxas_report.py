@@ -64,7 +64,8 @@ def main(path):
         if v["spill_stores"] or v["spill_loads"]:
             spilling.append(f"{arch} {names[name]}: {v['spill_stores']} B stored, "
                             f"{v['spill_loads']} B loaded")
-    print(f"{'kernel':34} {'arch':7} {'variants':>8} {'max regs':>8} {'max stack':>9} {'spill B':>7}")
+    print(f"{'kernel':34} {'arch':7} {'variants':>8} {'max regs':>8} "
+          f"{'max stack':>9} {'spill B':>7}")
     for (fam, arch), s in sorted(summary.items()):
         print(f"{fam:34} {arch:7} {s['count']:8} {s['registers']:8} {s['stack']:9} {s['spills']:7}")
     if spilling:

@@ -52,7 +52,8 @@ def parse_args(argv):
     parser.add_argument("--ops", nargs="+", choices=list(suite.OPS), help="default: all available")
     parser.add_argument("--shapes", nargs="+", type=shape_arg, metavar="N,C,...",
                         help="input shapes, e.g. 32,64,56,56 256,1024")
-    parser.add_argument("--dtypes", nargs="+", choices=list(suite.DTYPES), default=["float32", "bfloat16"])
+    parser.add_argument("--dtypes", nargs="+", choices=list(suite.DTYPES),
+                        default=["float32", "bfloat16"])
     parser.add_argument("--layouts", nargs="+", choices=suite.LAYOUTS, default=list(suite.LAYOUTS),
                         help="channels_last applies to 4D/5D shapes only")
     parser.add_argument("--device", nargs="+", dest="devices", choices=["cpu", "cuda"],
@@ -69,12 +70,14 @@ def parse_args(argv):
                         help="CPU threads for every implementation (torch.set_num_threads); "
                              "default: torch's own count")
     parser.add_argument("--malloc", choices=allocator.MODES, default="steady",
-                        help="steady (default): freed blocks are reused instead of being page-faulted "
-                             "back in on every call; default: glibc's own settings (see benchmarks/allocator.py)")
+                        help="steady (default): freed blocks are reused instead of being "
+                             "page-faulted back in on every call; default: glibc's own settings "
+                             "(see benchmarks/allocator.py)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, short timing")
     parser.add_argument("--json", metavar="PATH", help="write the rows and the machine as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="write the table as Markdown")
-    parser.add_argument("--plot", metavar="PATH", help="bar chart of the speedups (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="bar chart of the speedups (needs matplotlib)")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes = args.shapes or suite.QUICK_SHAPES
@@ -126,13 +129,14 @@ def cpu_model():
 
 def table(rows, markdown):
     columns = [c for c in COLUMNS if any(c[0] in row for row in rows)]
-    cells = [[fmt.format(row[key]) if key in row else "" for key, _, fmt in columns] for row in rows]
+    cells = [[fmt.format(row[key]) if key in row else "" for key, _, fmt in columns]
+             for row in rows]
     headers = [header for _, header, _ in columns]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells])
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
-    fmt = "  ".join("{:>%d}" % w for w in widths)
+    fmt = "  ".join(f"{{:>{w}}}" for w in widths)
     return "\n".join([fmt.format(*headers)] + [fmt.format(*r) for r in cells])
 
 
@@ -185,7 +189,8 @@ def plot(path, rows):
     labels = [f"{r['op']}\n{r['shape']} {r['dtype']}\n{r['layout']} {r['device']}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(8, 0.5 * len(rows)), 5))
     positions = range(len(rows))
-    ax.bar([p - 0.2 for p in positions], [r["speedup_vs_eager"] for r in rows], 0.4, label="vs eager")
+    ax.bar([p - 0.2 for p in positions], [r["speedup_vs_eager"] for r in rows], 0.4,
+           label="vs eager")
     if any("speedup_vs_compile" in r for r in rows):
         ax.bar([p + 0.2 for p in positions], [r.get("speedup_vs_compile", 0) for r in rows], 0.4,
                label="vs torch.compile")

@@ -38,16 +38,15 @@ def configure(mode):
     ok = libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1 and ok
     if not ok:
         raise RuntimeError("mallopt failed")
-    return "glibc malloc keeping freed blocks up to 32 MiB for reuse (mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)"
+    return ("glibc malloc keeping freed blocks up to 32 MiB for reuse "
+            "(mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)")
 
 
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    try:
-        libc.gnu_get_libc_version
-    except AttributeError:
+    if not hasattr(libc, "gnu_get_libc_version"):  # musl and other non-glibc C libraries
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc

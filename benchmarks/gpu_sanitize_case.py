@@ -33,13 +33,17 @@ def run(shape, memory_format, dtype, activation):
     bias = torch.randn(C, device="cuda", dtype=param_dtype)
     running_mean = torch.zeros(C, device="cuda", dtype=param_dtype)
     running_var = torch.ones(C, device="cuda", dtype=param_dtype)
-    _, mean, invstd = ops.batch_norm_act(x, weight, bias, running_mean, running_var, True, 1e-5, activation)
+    _, mean, invstd = ops.batch_norm_act(
+        x, weight, bias, running_mean, running_var, True, 1e-5, activation
+    )
     ops.batch_norm_act(x, weight, bias, running_mean, running_var, False, 1e-5, activation)
     ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, True, activation)
     ops.batch_norm_act_backward(dy, x, None, None, mean, invstd, False, activation)
     ops.batch_norm_stats(x)
     ops.batch_norm_act_elemt(x, weight, bias, mean, invstd, activation)
-    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(dy, x, weight, bias, mean, invstd, activation)
+    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
+        dy, x, weight, bias, mean, invstd, activation
+    )
     count = x.numel() // C
     ops.batch_norm_act_backward_elemt(
         dy, x, weight, bias, mean, invstd, sum_dy / count, sum_dy_xmu / count, activation

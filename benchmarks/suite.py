@@ -100,7 +100,9 @@ def make_input(case):
     dtype = DTYPES[case.dtype]
     x = torch.randn(case.shape, device=case.device, dtype=dtype)
     if case.layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     return x
 
 
@@ -255,9 +257,14 @@ def run(args, progress=sys.stderr):
         rows.append(row)
         elapsed = time.perf_counter() - start
         print(
-            f"[{i}/{len(all_cases)} {elapsed:.0f}s] {case.label()}: fused {row['fused_ms']:.3f} ms, "
+            f"[{i}/{len(all_cases)} {elapsed:.0f}s] {case.label()}: "
+            f"fused {row['fused_ms']:.3f} ms, "
             f"{row['speedup_vs_eager']:.2f}x eager"
-            + (f", {row['speedup_vs_compile']:.2f}x compile" if "speedup_vs_compile" in row else ""),
+            + (
+                f", {row['speedup_vs_compile']:.2f}x compile"
+                if "speedup_vs_compile" in row
+                else ""
+            ),
             file=progress,
             flush=True,
         )

@@ -51,7 +51,9 @@ def main():
     copy_initial_weights(plain, with_bn)
 
     histories = {
-        name: train_classifier(model, data, epochs=args.epochs, lr=LEARNING_RATE, seed=args.seed, name=name)
+        name: train_classifier(
+            model, data, epochs=args.epochs, lr=LEARNING_RATE, seed=args.seed, name=name
+        )
         for name, model in (("no BatchNorm", plain), ("fused BatchNormReLU2d", with_bn))
     }
 
@@ -61,7 +63,8 @@ def main():
         best = max(history["accuracy"])
         print(
             f"{name:>22}: training loss < {LOSS_TARGET} at epoch {reached}, final loss "
-            f"{history['loss'][-1]:.4f}, test accuracy final {history['accuracy'][-1]:.3f} best {best:.3f}"
+            f"{history['loss'][-1]:.4f}, test accuracy final {history['accuracy'][-1]:.3f} "
+            f"best {best:.3f}"
         )
 
     plt = pyplot()

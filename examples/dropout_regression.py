@@ -76,14 +76,17 @@ def main():
         target.load_state_dict(source.state_dict())
 
     models = {"no dropout": without, "fused_bn.Dropout": with_dropout}
-    histories = {name: train(m, train_data, test_data, args.epochs, name) for name, m in models.items()}
+    histories = {
+        name: train(m, train_data, test_data, args.epochs, name) for name, m in models.items()
+    }
 
     print(f"\n{TRAIN_SAMPLES} training samples, noise std {NOISE} (noise floor MSE {NOISE**2:.3f})")
     for name, history in histories.items():
         best = min(range(len(history["test"])), key=history["test"].__getitem__)
         print(
             f"{name:>16}: final train MSE {history['train'][-1]:.4f}, final test MSE "
-            f"{history['test'][-1]:.4f} (best {history['test'][best]:.4f} at epoch {history['epoch'][best]})"
+            f"{history['test'][-1]:.4f} (best {history['test'][best]:.4f} "
+            f"at epoch {history['epoch'][best]})"
         )
     plot(models, histories, train_data, args.out)
 

@@ -42,7 +42,9 @@ PERCENTILES = (0.15, 0.50, 0.85)
 def mlp(batch_norm_layers):
     def hidden(width_in, width_out):
         if batch_norm_layers:  # Linear bias is redundant before BatchNorm
-            return [nn.Linear(width_in, width_out, bias=False), nn.BatchNorm1d(width_out), nn.ReLU()]
+            return [
+                nn.Linear(width_in, width_out, bias=False), nn.BatchNorm1d(width_out), nn.ReLU()
+            ]
         return [nn.Linear(width_in, width_out), nn.ReLU()]
 
     return nn.Sequential(*hidden(64, 48), *hidden(48, 24), nn.Linear(24, 10))
@@ -73,7 +75,9 @@ class HiddenInputTracker:
     def __call__(self):
         self.steps += 1
         if self.steps % TRACK_EVERY == 1:
-            self.history.append(torch.quantile(self.nonlinearity_input(), torch.tensor(PERCENTILES)))
+            self.history.append(
+                torch.quantile(self.nonlinearity_input(), torch.tensor(PERCENTILES))
+            )
 
 
 def largest_loss_difference(pytorch_model, fused_model, data, epochs, seed):
@@ -144,7 +148,9 @@ def plot(histories, trackers, out_dir):
         spread = torch.stack(tracker.history)
         for column, percentile in enumerate(PERCENTILES):
             axis.plot(spread[:, column], lw=1, label=f"{percentile:.0%}")
-        axis.set(xlabel=f"training step / {TRACK_EVERY}", title=f"{name}:\nReLU input of a hidden unit")
+        axis.set(
+            xlabel=f"training step / {TRACK_EVERY}", title=f"{name}:\nReLU input of a hidden unit"
+        )
         axis.legend(title="percentile", fontsize=8)
     save_figure(figure, out_dir, "mlp_batchnorm.png")
 

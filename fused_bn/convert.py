@@ -109,7 +109,8 @@ def convert_model(model, *, inplace=False, dropout=True, return_report=False):
     relus_to_drop = _find_fusions(model, graphs, report)
     replacements = _new_modules(model, relus_to_drop, report, dropout)
     model = _swap_modules(model, replacements)
-    for container in {id(c): c for c, node in relus_to_drop.values() if node.op != "call_module"}.values():
+    containers = {id(c): c for c, node in relus_to_drop.values() if node.op != "call_module"}
+    for container in containers.values():
         _install_forward_without_redundant_relus(container)
     return (model, report) if return_report else model
 
@@ -208,7 +209,9 @@ def _find_fusions(model, graphs, report):
             relu_module = container.get_submodule(relu.target) if relu.op == "call_module" else None
             if not called_once(batch_norm) or _has_hooks(batch_norm):
                 continue
-            if relu_module is not None and (not called_once(relu_module) or _has_hooks(relu_module)):
+            if relu_module is not None and (
+                not called_once(relu_module) or _has_hooks(relu_module)
+            ):
                 continue
             fusions[id(batch_norm)] = (container, relu)
             prefix = f"{container_name}." if container_name else ""

@@ -8,7 +8,9 @@ import fused_bn
 
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 FUSED_BN = {1: fused_bn.BatchNorm1d, 2: fused_bn.BatchNorm2d, 3: fused_bn.BatchNorm3d}
-FUSED_BN_RELU = {1: fused_bn.BatchNormReLU1d, 2: fused_bn.BatchNormReLU2d, 3: fused_bn.BatchNormReLU3d}
+FUSED_BN_RELU = {
+    1: fused_bn.BatchNormReLU1d, 2: fused_bn.BatchNormReLU2d, 3: fused_bn.BatchNormReLU3d
+}
 
 # Absolute/relative tolerances against a float64 reference, per input dtype.
 TOLERANCE = {

@@ -7,7 +7,6 @@ PyTorch run in float64 on the same values.
 
 import pytest
 import torch
-
 from conftest import TOLERANCE, layout_input, make_pair, reference_bn_module
 
 SHAPES = [
@@ -30,7 +29,9 @@ CASES = [(shape, layout) for shape in SHAPES for layout in layouts_for(shape)]
 
 def assert_close(actual, expected, dtype, what):
     tol = TOLERANCE[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(
+        actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}"
+    )
 
 
 def run_and_compare(shape, layout, activation, dtype, steps=3, train=True, **options):
@@ -63,7 +64,7 @@ def run_and_compare(shape, layout, activation, dtype, steps=3, train=True, **opt
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu"])
-@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{l}" for s, l in CASES])
+@pytest.mark.parametrize("shape,layout", CASES, ids=[f"{s}-{lay}" for s, lay in CASES])
 def test_float64_train_then_eval(shape, layout, activation):
     if shape[0] * (torch.Size(shape[2:]).numel()) == 1:
         pytest.skip("one value per channel cannot be trained (see test_errors)")
@@ -73,7 +74,8 @@ def test_float64_train_then_eval(shape, layout, activation):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ["identity", "relu"])
-@pytest.mark.parametrize("shape,layout", [((8, 6, 5, 7), "contiguous"), ((8, 6, 5, 7), "channels_last"),
+@pytest.mark.parametrize("shape,layout", [((8, 6, 5, 7), "contiguous"),
+                                          ((8, 6, 5, 7), "channels_last"),
                                           ((64, 33), "contiguous"), ((4, 6, 19), "strided")])
 def test_reduced_precision(shape, layout, activation, dtype):
     run_and_compare(shape, layout, activation, dtype, steps=2)
@@ -105,6 +107,7 @@ def test_eval_without_running_stats_uses_batch_statistics(activation):
 
 def test_mixed_precision_float32_parameters_with_bfloat16_input():
     import torch.nn.functional as F
+
     import fused_bn
 
     x = layout_input((8, 4, 5, 5), "channels_last", torch.bfloat16)
@@ -140,7 +143,9 @@ def test_large_offset_statistics_are_stable():
         x = x64.float()
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-        _, mean, invstd = torch.ops.fused_bn.batch_norm_act(x, None, None, None, None, True, 0.0, "identity")
+        _, mean, invstd = torch.ops.fused_bn.batch_norm_act(
+            x, None, None, None, None, True, 0.0, "identity"
+        )
         x_exact = x.double()
         ref_mean = x_exact.mean(dim=(0, 2, 3))
         ref_var = x_exact.var(dim=(0, 2, 3), unbiased=False)

@@ -17,11 +17,10 @@ import time
 
 import pytest
 import torch
+from conftest import TORCH_BN, bn_kind, fused_class
 from torch import nn
 
 import fused_bn
-
-from conftest import TORCH_BN, bn_kind, fused_class
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,7 +156,11 @@ def test_many_channels_tiny_planes(shape, dtype, training):
 
 @pytest.mark.parametrize(
     "shape,layout",
-    [((4, 2, 1024, 1024), "contiguous"), ((2, 3, 1024, 1024), "channels_last"), ((1, 1, 5, 1 << 20), "contiguous")],
+    [
+        ((4, 2, 1024, 1024), "contiguous"),
+        ((2, 3, 1024, 1024), "channels_last"),
+        ((1, 1, 5, 1 << 20), "contiguous"),
+    ],
     ids=["nchw_c2", "channels_last_c3", "one_channel"],
 )
 def test_large_planes_beyond_cache(shape, layout):
@@ -170,7 +173,9 @@ def test_large_planes_beyond_cache(shape, layout):
         shape, torch.float32, layout, "identity", training=True,
         torch_tolerance=dict(atol=5e-3, rtol=5e-3),
     )
-    check_against_references(shape, torch.float32, layout, "relu", training=True, compare_torch=False)
+    check_against_references(
+        shape, torch.float32, layout, "relu", training=True, compare_torch=False
+    )
 
 
 @pytest.mark.parametrize(
@@ -323,7 +328,11 @@ def test_thread_count_does_not_change_results(shape, layout, activation):
 
 @pytest.mark.parametrize(
     "shape,layout",
-    [((16, 4, 32, 32), "contiguous"), ((16, 4, 32, 32), "channels_last"), ((4096, 8), "contiguous")],
+    [
+        ((16, 4, 32, 32), "contiguous"),
+        ((16, 4, 32, 32), "channels_last"),
+        ((4096, 8), "contiguous"),
+    ],
 )
 def test_float32_statistics_with_large_offset(shape, layout):
     # x = 1e4 + N(0, 1): naive float32 sums lose the variance entirely.
@@ -364,7 +373,9 @@ def test_relu_mask_in_backward_matches_forward_output(dtype, layout):
     steps = torch.tensor([-1e-6, -1e-7, 0.0, 1e-7, 1e-6], dtype=torch.float64)
     x = running_mean.view(1, channels, 1, 1) + steps.view(1, 1, 1, 5) * torch.ones(6, 1, 7, 1)
     x = in_layout(x.to(dtype), layout)
-    module = fused_bn.BatchNormReLU2d(channels).to(torch.float64 if dtype == torch.float64 else torch.float32)
+    module = fused_bn.BatchNormReLU2d(channels).to(
+        torch.float64 if dtype == torch.float64 else torch.float32
+    )
     with torch.no_grad():
         module.running_mean.copy_(running_mean)
         module.weight.uniform_(0.5, 2.0)
@@ -386,13 +397,17 @@ def test_build_info_reports_cpu_capability():
     assert info["cpu_capability"] in info["cpu_capabilities"]
 
 
-@pytest.mark.skipif(not (torch._C.has_openmp and sys.platform == "linux"), reason="torch without OpenMP")
+@pytest.mark.skipif(
+    not (torch._C.has_openmp and sys.platform == "linux"), reason="torch without OpenMP"
+)
 def test_kernels_are_built_with_openmp():
     # at::parallel_for compiled without -fopenmp silently runs on one thread.
     assert fused_bn.build_info()["openmp"] is True
 
 
-@pytest.mark.skipif(not (torch._C.has_openmp and sys.platform == "linux"), reason="torch without OpenMP")
+@pytest.mark.skipif(
+    not (torch._C.has_openmp and sys.platform == "linux"), reason="torch without OpenMP"
+)
 def test_kernels_run_on_several_threads():
     # CPU time spent outside the calling thread (the other OpenMP thread's share
     # of the channels) shows that the kernel ran in parallel. Serial: ~0%; in

@@ -5,13 +5,12 @@ import copy
 
 import pytest
 import torch
+from conftest import TORCH_BN, bn_kind, fused_class
 from torch import nn
 
 import fused_bn
 from fused_bn import functional as FB
 from fused_bn._ops import ops
-
-from conftest import TORCH_BN, bn_kind, fused_class
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,7 +44,9 @@ def make_input(shape, layout, dtype, seed=1, device=DEVICE):
         x = torch.randn(shape, generator=g, dtype=torch.float64)
     x = (x * 1.5 + 0.3).to(device=device, dtype=dtype)
     if layout == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        x = x.contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     return x
 
 
@@ -94,7 +95,9 @@ def test_module_matches_torch(shape, layout, dtype, activation, training):
     tol = TOLERANCE[dtype]
     assert y.dtype == dtype and y.shape == x.shape
     if layout == "channels_last":
-        assert y.is_contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+        assert y.is_contiguous(
+            memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        )
     torch.testing.assert_close(y.double(), y_ref, **tol)
     torch.testing.assert_close(dx.double(), dx_ref, **tol)
     ref_bn = bn_of(reference)
@@ -130,12 +133,20 @@ def op_calls(x, dy, weight, bias, running_mean, running_var, activation):
         x, weight, bias, running_mean, running_var, True, 1e-5, activation
     )
     count = x.numel() // x.shape[1]
-    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(dy, x, weight, bias, mean, invstd, activation)
+    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
+        dy, x, weight, bias, mean, invstd, activation
+    )
     return {
         "train": (out, mean, invstd),
-        "eval": ops.batch_norm_act(x, weight, bias, running_mean, running_var, False, 1e-5, activation),
-        "backward_train": ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, True, activation),
-        "backward_eval": ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, False, activation),
+        "eval": ops.batch_norm_act(
+            x, weight, bias, running_mean, running_var, False, 1e-5, activation
+        ),
+        "backward_train": ops.batch_norm_act_backward(
+            dy, x, weight, bias, mean, invstd, True, activation
+        ),
+        "backward_eval": ops.batch_norm_act_backward(
+            dy, x, weight, bias, mean, invstd, False, activation
+        ),
         "stats": ops.batch_norm_stats(x),
         "elemt": ops.batch_norm_act_elemt(x, weight, bias, mean, invstd, activation),
         "backward_reduce": (sum_dy, sum_dy_xmu),
@@ -160,7 +171,9 @@ def test_cuda_matches_cpu(shape, layout, dtype, activation):
     param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     g = torch.Generator().manual_seed(3)
     C = shape[1]
-    weight, bias, running_mean = (torch.rand(C, generator=g, dtype=param_dtype) + 0.5 for _ in range(3))
+    weight, bias, running_mean = (
+        torch.rand(C, generator=g, dtype=param_dtype) + 0.5 for _ in range(3)
+    )
     running_var = torch.rand(C, generator=g, dtype=param_dtype) + 0.5
     params = (weight, bias, running_mean, running_var)
     on_cuda = op_calls(x, dy, *(p.to(DEVICE) for p in params), activation)
@@ -168,7 +181,8 @@ def test_cuda_matches_cpu(shape, layout, dtype, activation):
     # Same math, different summation order: float accumulation rounding only,
     # plus one rounding of the output in reduced precision.
     tol = TOLERANCE[dtype] if dtype in (torch.float16, torch.bfloat16) else dict(
-        atol=1e-5 if dtype == torch.float32 else 1e-12, rtol=1e-5 if dtype == torch.float32 else 1e-12
+        atol=1e-5 if dtype == torch.float32 else 1e-12,
+        rtol=1e-5 if dtype == torch.float32 else 1e-12,
     )
     for name, cuda_result in on_cuda.items():
         cuda_result = cuda_result if isinstance(cuda_result, tuple) else (cuda_result,)
@@ -184,9 +198,13 @@ def test_cuda_matches_cpu(shape, layout, dtype, activation):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "rows"])
 def test_gradcheck_float64(layout, activation, training):
     shape = (6, 3) if layout == "rows" else (3, 4, 3, 5)
-    x = make_input(shape, "contiguous" if layout == "rows" else layout, torch.float64).requires_grad_()
+    x = make_input(
+        shape, "contiguous" if layout == "rows" else layout, torch.float64
+    ).requires_grad_()
     g = torch.Generator().manual_seed(4)
-    weight = (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_()
+    weight = (
+        (torch.rand(shape[1], generator=g, dtype=torch.float64) + 0.5).to(DEVICE).requires_grad_()
+    )
     bias = torch.randn(shape[1], generator=g, dtype=torch.float64).to(DEVICE).requires_grad_()
     running_mean = torch.zeros(shape[1], dtype=torch.float64, device=DEVICE)
     running_var = torch.ones(shape[1], dtype=torch.float64, device=DEVICE)
@@ -209,20 +227,26 @@ def test_opcheck_every_op(activation):
     weight = torch.rand(6, device=DEVICE) + 0.5
     bias = torch.randn(6, device=DEVICE)
     running_mean, running_var = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
-    _, mean, invstd = ops.batch_norm_act(x, weight, bias, running_mean, running_var, True, 1e-5, activation)
+    _, mean, invstd = ops.batch_norm_act(
+        x, weight, bias, running_mean, running_var, True, 1e-5, activation
+    )
     mean_dy, mean_dy_xmu = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
     calls = [
         (ops.batch_norm_act, (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
                               running_mean, running_var, True, 1e-5, activation)),
         (ops.batch_norm_act, (x, weight, bias, running_mean, running_var, False, 1e-5, activation)),
-        (ops.batch_norm_act_backward, (dy, x.detach(), weight.detach(), bias.detach(), mean, invstd, True, activation)),
+        (ops.batch_norm_act_backward, (dy, x.detach(), weight.detach(), bias.detach(), mean,
+                                       invstd, True, activation)),
         (ops.batch_norm_stats, (x.detach(),)),
-        (ops.batch_norm_act_elemt, (x.detach(), weight.detach(), bias.detach(), mean, invstd, activation)),
-        (ops.batch_norm_act_backward_reduce, (dy, x.detach(), weight.detach(), bias.detach(), mean, invstd, activation)),
-        (ops.batch_norm_act_backward_elemt, (dy, x.detach(), weight.detach(), bias.detach(), mean, invstd,
-                                             mean_dy, mean_dy_xmu, activation)),
+        (ops.batch_norm_act_elemt, (x.detach(), weight.detach(), bias.detach(), mean, invstd,
+                                    activation)),
+        (ops.batch_norm_act_backward_reduce, (dy, x.detach(), weight.detach(), bias.detach(),
+                                              mean, invstd, activation)),
+        (ops.batch_norm_act_backward_elemt, (dy, x.detach(), weight.detach(), bias.detach(), mean,
+                                             invstd, mean_dy, mean_dy_xmu, activation)),
         (ops.update_running_stats_, (running_mean.clone(), running_var.clone(),
-                                     torch.zeros((), dtype=torch.long, device=DEVICE), mean, invstd, 0.1, 1e-5, 60)),
+                                     torch.zeros((), dtype=torch.long, device=DEVICE), mean,
+                                     invstd, 0.1, 1e-5, 60)),
     ]
     for op, args in calls:
         torch.library.opcheck(op, args)
@@ -240,7 +264,9 @@ def test_cuda_graph_train_step(layout):
     eager = copy.deepcopy(model)
     graphed_opt = torch.optim.SGD(model.parameters(), lr=0.1)
     eager_opt = torch.optim.SGD(eager.parameters(), lr=0.1)
-    batches = [make_input((shape[0], 3) + shape[2:], layout, torch.float32, seed=s) for s in range(5)]
+    batches = [
+        make_input((shape[0], 3) + shape[2:], layout, torch.float32, seed=s) for s in range(5)
+    ]
     static_x = batches[0].clone()
 
     def step(module, optimizer, x):
@@ -296,7 +322,9 @@ def test_empty_batch():
     x = torch.empty(0, 5, 4, 4, device=DEVICE)
     y, mean, invstd = ops.batch_norm_act(x, None, None, None, None, True, 1e-5, "relu")
     assert y.shape == x.shape and mean.eq(0).all() and invstd.eq(0).all()
-    dx, dw, db = ops.batch_norm_act_backward(x, x, torch.ones(5, device=DEVICE), None, mean, invstd, True, "relu")
+    dx, dw, db = ops.batch_norm_act_backward(
+        x, x, torch.ones(5, device=DEVICE), None, mean, invstd, True, "relu"
+    )
     assert dx.shape == x.shape and dw.eq(0).all() and db.eq(0).all()
 
 
@@ -310,13 +338,16 @@ def test_more_than_2_31_elements_float16(layout):
     if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
         pytest.skip("needs 40 GiB of GPU memory")
     x = torch.empty(shape, dtype=torch.float16, device=DEVICE,
-                    memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+                    memory_format=torch.channels_last if layout == "channels_last"
+                    else torch.contiguous_format)
     x.normal_(0.5, 2.0)
     weight = torch.linspace(0.5, 1.5, shape[1], device=DEVICE)
     bias = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE)
     y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
     dy = torch.empty_like(x).normal_()
-    dx, dweight, dbias = ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, True, "relu")
+    dx, dweight, dbias = ops.batch_norm_act_backward(
+        dy, x, weight, bias, mean, invstd, True, "relu"
+    )
     count = x.numel() // shape[1]
     for c in range(shape[1]):
         xc = x[:, c].float()
@@ -328,7 +359,9 @@ def test_more_than_2_31_elements_float16(layout):
         g = dy[:, c].float() * (pre > 0)
         sum_g, sum_gx = g.sum(), (g * (xc - mean[c])).sum()
         torch.testing.assert_close(dbias[c], sum_g, atol=1e-2 * count**0.5, rtol=1e-3)
-        torch.testing.assert_close(dweight[c], sum_gx * invstd[c], atol=1e-2 * count**0.5, rtol=1e-3)
+        torch.testing.assert_close(
+            dweight[c], sum_gx * invstd[c], atol=1e-2 * count**0.5, rtol=1e-3
+        )
         a = weight[c] * invstd[c]
         dx_ref = a * (g - sum_g / count - (xc - mean[c]) * invstd[c] ** 2 * sum_gx / count)
         # Where the pre-activation rounds to about 0, the kernel's fused

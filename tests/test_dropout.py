@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import layout_input
 from torch import nn
 
 import fused_bn
 import fused_bn.functional as FF
-from conftest import layout_input
 
 ops = torch.ops.fused_bn
 

@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from conftest import FUSED_BN, FUSED_BN_RELU, TORCH_BN
 from torch import nn
 
 import fused_bn
-from conftest import FUSED_BN, FUSED_BN_RELU, TORCH_BN
 
 
 def state_of(module):
@@ -34,7 +34,10 @@ def raises_like_torch(kind, input, fused_family=FUSED_BN_RELU, train=True, **opt
     assert torch.equal(input, input_before)
 
 
-@pytest.mark.parametrize("kind,shape", [(1, (4, 3, 2, 2)), (1, (3,)), (2, (4, 3, 5)), (2, (2, 3, 4, 4, 4)), (3, (4, 3, 5, 5))])
+@pytest.mark.parametrize(
+    "kind,shape",
+    [(1, (4, 3, 2, 2)), (1, (3,)), (2, (4, 3, 5)), (2, (2, 3, 4, 4, 4)), (3, (4, 3, 5, 5))],
+)
 @pytest.mark.parametrize("family", [FUSED_BN, FUSED_BN_RELU])
 def test_wrong_ndim(kind, shape, family):
     raises_like_torch(kind, torch.randn(shape), family)
@@ -46,7 +49,9 @@ def test_wrong_channel_count(kind, shape, train):
     raises_like_torch(kind, torch.randn(shape), train=train)
 
 
-@pytest.mark.parametrize("kind,shape", [(1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)), (3, (1, 3, 1, 1, 1))])
+@pytest.mark.parametrize(
+    "kind,shape", [(1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)), (3, (1, 3, 1, 1, 1))]
+)
 def test_one_value_per_channel_in_training(kind, shape):
     raises_like_torch(kind, torch.randn(shape))
 
@@ -107,20 +112,26 @@ def test_eval_without_running_stats_in_functional():
 def test_backward_op_checks_statistics():
     x = torch.randn(4, 3)
     with pytest.raises(RuntimeError, match="mean should contain 3 elements not 2"):
-        torch.ops.fused_bn.batch_norm_act_backward(x, x, None, None, torch.zeros(2), torch.ones(3), True, "relu")
+        torch.ops.fused_bn.batch_norm_act_backward(
+            x, x, None, None, torch.zeros(2), torch.ones(3), True, "relu"
+        )
     with pytest.raises(RuntimeError, match="expected invstd of dtype Float"):
         torch.ops.fused_bn.batch_norm_act_backward(
             x, x, None, None, torch.zeros(3), torch.ones(3, dtype=torch.float64), True, "relu"
         )
     with pytest.raises(RuntimeError, match="does not match input of shape"):
-        torch.ops.fused_bn.batch_norm_act_backward(x[:2], x, None, None, torch.zeros(3), torch.ones(3), True, "relu")
+        torch.ops.fused_bn.batch_norm_act_backward(
+            x[:2], x, None, None, torch.zeros(3), torch.ones(3), True, "relu"
+        )
 
 
 def test_functional_raise_leaves_running_stats_untouched():
     running_mean, running_var = torch.zeros(4), torch.ones(4)
     weight = torch.ones(5)
     with pytest.raises(RuntimeError, match="weight should contain 4 elements not 5"):
-        fused_bn.functional.batch_norm_relu(torch.randn(8, 4), running_mean, running_var, weight, training=True)
+        fused_bn.functional.batch_norm_relu(
+            torch.randn(8, 4), running_mean, running_var, weight, training=True
+        )
     assert torch.equal(running_mean, torch.zeros(4)) and torch.equal(running_var, torch.ones(4))
 
 

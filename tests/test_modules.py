@@ -4,11 +4,11 @@ import inspect
 
 import pytest
 import torch
+from conftest import FUSED_BN, FUSED_BN_RELU, TORCH_BN
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import fused_bn
-from conftest import FUSED_BN, FUSED_BN_RELU, TORCH_BN
 
 KINDS = [1, 2, 3]
 
@@ -26,7 +26,9 @@ def test_relu_variant_is_not_a_plain_batchnorm(kind):
     assert not issubclass(FUSED_BN_RELU[kind], TORCH_BN[kind])
 
 
-@pytest.mark.parametrize("options", [{}, dict(affine=False), dict(track_running_stats=False), dict(bias=False)])
+@pytest.mark.parametrize(
+    "options", [{}, dict(affine=False), dict(track_running_stats=False), dict(bias=False)]
+)
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_round_trips_with_torch(kind, options):
     torch.manual_seed(0)

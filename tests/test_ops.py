@@ -4,10 +4,10 @@ import copy
 
 import pytest
 import torch
+from conftest import layout_input
 from torch import nn
 
 import fused_bn
-from conftest import layout_input
 
 ops = torch.ops.fused_bn
 
@@ -59,7 +59,8 @@ def test_opcheck_every_op(shape, layout, dtype, activation):
     )
     torch.library.opcheck(ops.batch_norm_stats.default, (x,))
     torch.library.opcheck(
-        ops.batch_norm_act_elemt.default, (x, weight.detach(), bias.detach(), mean, invstd, activation)
+        ops.batch_norm_act_elemt.default,
+        (x, weight.detach(), bias.detach(), mean, invstd, activation),
     )
     sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
         grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation
@@ -71,8 +72,8 @@ def test_opcheck_every_op(shape, layout, dtype, activation):
     count = x.numel() // C
     torch.library.opcheck(
         ops.batch_norm_act_backward_elemt.default,
-        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, sum_dy / count, sum_dy_xmu / count,
-         activation),
+        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, sum_dy / count,
+         sum_dy_xmu / count, activation),
     )
 
 
@@ -97,12 +98,18 @@ def test_split_ops_compose_to_the_fused_op():
     torch.testing.assert_close((m2 / count + 1e-5).rsqrt(), invstd)
     torch.testing.assert_close(ops.batch_norm_act_elemt(x, weight, bias, mean, invstd, "relu"), out)
     dy = torch.randn_like(x)
-    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(dy, x, weight, bias, mean, invstd, True, "relu")
-    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(dy, x, weight, bias, mean, invstd, "relu")
+    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(
+        dy, x, weight, bias, mean, invstd, True, "relu"
+    )
+    sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
+        dy, x, weight, bias, mean, invstd, "relu"
+    )
     torch.testing.assert_close(sum_dy, grad_bias)
     torch.testing.assert_close(sum_dy_xmu * invstd, grad_weight)
     torch.testing.assert_close(
-        ops.batch_norm_act_backward_elemt(dy, x, weight, bias, mean, invstd, sum_dy / count, sum_dy_xmu / count, "relu"),
+        ops.batch_norm_act_backward_elemt(
+            dy, x, weight, bias, mean, invstd, sum_dy / count, sum_dy_xmu / count, "relu"
+        ),
         grad_input,
     )
 
@@ -110,7 +117,10 @@ def test_split_ops_compose_to_the_fused_op():
 @pytest.mark.parametrize("activation", ["identity", "relu"])
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("shape,layout", [((4, 3, 3, 2), "contiguous"), ((4, 3, 3, 2), "channels_last"), ((7, 2), "contiguous")])
+@pytest.mark.parametrize(
+    "shape,layout",
+    [((4, 3, 3, 2), "contiguous"), ((4, 3, 3, 2), "channels_last"), ((7, 2), "contiguous")],
+)
 def test_gradcheck(shape, layout, affine, training, activation):
     x = layout_input(shape, layout, torch.float64).requires_grad_()
     C = shape[1]
@@ -121,14 +131,18 @@ def test_gradcheck(shape, layout, affine, training, activation):
 
     def fn(x, *params):
         return fused_bn.functional.batch_norm(
-            x, running_mean.clone(), running_var.clone(), *params, training=training, activation=activation
+            x, running_mean.clone(), running_var.clone(), *params,
+            training=training, activation=activation,
         )
 
     inputs = (x, *params) if affine else (x,)
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("requires_grad", [(True, False, False), (False, True, False), (False, False, True), (True, True, True)])
+@pytest.mark.parametrize(
+    "requires_grad",
+    [(True, False, False), (False, True, False), (False, False, True), (True, True, True)],
+)
 def test_grads_of_the_inputs_that_require_them(requires_grad):
     x = layout_input((5, 3, 4), "contiguous", torch.float64)
     weight, bias = channel_params(3)
@@ -137,7 +151,9 @@ def test_grads_of_the_inputs_that_require_them(requires_grad):
     dy = layout_input((5, 3, 4), "contiguous", torch.float64, seed=3)
     y, _, _ = ops.batch_norm_act(*inputs, None, None, True, 1e-5, "relu")
     reference = torch.relu(nn.functional.batch_norm(x, None, None, weight, bias, training=True))
-    for grad, expected in zip(torch.autograd.grad(y, wanted, dy), torch.autograd.grad(reference, wanted, dy)):
+    for grad, expected in zip(
+        torch.autograd.grad(y, wanted, dy), torch.autograd.grad(reference, wanted, dy)
+    ):
         torch.testing.assert_close(grad, expected)
 
 
@@ -244,7 +260,7 @@ def test_torch_compile_fullgraph_matches_eager(channels_last):
         eager = eager.to(memory_format=torch.channels_last)
         compiled_model = compiled_model.to(memory_format=torch.channels_last)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    for step in range(2):
+    for _ in range(2):
         x = torch.randn(6, 3, 8, 8)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -253,7 +269,10 @@ def test_torch_compile_fullgraph_matches_eager(channels_last):
         y_eager.square().sum().backward()
         y_compiled.square().sum().backward()
     for (name, p_eager), p_compiled in zip(eager.named_parameters(), compiled_model.parameters()):
-        torch.testing.assert_close(p_compiled.grad, p_eager.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            p_compiled.grad, p_eager.grad, atol=1e-4, rtol=1e-4,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
     for (name, b_eager), b_compiled in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(b_compiled, b_eager, atol=1e-5, rtol=1e-5, msg=name)
     eager.eval()
