@@ -97,7 +97,7 @@ print("build_info:", info)
 assert info["cuda"] is True, "the extension was built without CUDA kernels"
 ops = ["batch_norm_act", "batch_norm_act_backward", "batch_norm_stats", "batch_norm_act_elemt",
        "batch_norm_act_backward_reduce", "batch_norm_act_backward_elemt",
-       "dropout", "dropout_", "dropout_apply_mask", "philox4x32"]
+       "update_running_stats_", "dropout", "dropout_", "dropout_apply_mask", "philox4x32"]
 missing = [op for op in ops
            if not torch._C._dispatch_has_kernel_for_dispatch_key(f"fused_bn::{op}", "CUDA")]
 assert not missing, f"no CUDA kernel registered for {missing}"

@@ -6,8 +6,9 @@
 #
 # Steps (each time-limited; a failing step does not stop the next ones):
 #   build       the extension for this GPU's architecture (ptxas -v in build.log)
-#   tests       tests/test_cuda.py and tests/test_dropout.py (CPU-vs-CUDA masks), slow
-#               cases included (test_cuda.log, test_cuda.xml)
+#   tests_cuda  tests/test_cuda.py, slow cases included (test_cuda.log, test_cuda.xml)
+#   tests_dropout  tests/test_dropout.py, CPU-vs-CUDA masks included (test_dropout.log,
+#               test_dropout.xml)
 #   memcheck    compute-sanitizer memcheck on benchmarks/gpu_sanitize_case.py
 #   racecheck   compute-sanitizer racecheck on the same
 #   benchmark   python -m benchmarks --device cuda $FUSED_BN_BENCH_ARGS (benchmark.txt,
@@ -16,7 +17,8 @@
 # is non-zero when any step failed.
 #
 # Environment: PYTHON (default python), CUDA_HOME (default /usr/local/cuda when
-# present), MAX_JOBS (default: CPU count), FUSED_BN_BENCH_ARGS.
+# present), MAX_JOBS (default: CPU count), FUSED_BN_BENCH_ARGS,
+# FUSED_BN_BENCH_SECONDS (the benchmark step's time limit, default 150).
 set -uo pipefail
 
 if [ $# -ne 1 ]; then
@@ -26,6 +28,8 @@ fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 cd "$ROOT"
+# The in-place build is imported from the checkout, also by scripts under benchmarks/.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 PY="${PYTHON:-python}"
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
@@ -61,6 +65,38 @@ step() {
   "${CUDA_HOME:+$CUDA_HOME/bin/}nvcc" --version || true
 } >"$OUT/device.txt" 2>&1
 
+# The extension must share torch's C++ runtime (libstdc++.so). A compiler that
+# links libstdc++ statically (as one GPU image's Python toolchain does) gives it a
+# private copy whose locale torch never sets up, and formatting a float in an
+# error message then crashes. Such a compiler is replaced by a system g++ that
+# links the shared runtime.
+probe_dir="$(mktemp -d)"
+printf '#include <sstream>\nstd::string f(double x) { std::ostringstream s; s << x; return s.str(); }\n' \
+  >"$probe_dir/p.cpp"
+# links_shared_runtime CXX: whether CXX builds shared objects against libstdc++.so.
+links_shared_runtime() {
+  "$1" -shared -fPIC "$probe_dir/p.cpp" -o "$probe_dir/p.so" 2>/dev/null &&
+    ldd "$probe_dir/p.so" | grep -q 'libstdc++' &&
+    ! nm "$probe_dir/p.so" | grep -q ' [TW] _ZNSt6locale'
+}
+python_cxx="${CXX:-$("$PY" -c "import sysconfig; print((sysconfig.get_config_var('CXX') or 'c++').split()[0])")}"
+if links_shared_runtime "$python_cxx"; then
+  echo "gpu_check: C++ compiler $python_cxx (shared libstdc++)" >>"$OUT/device.txt"
+else
+  for candidate in /usr/bin/g++ /usr/bin/g++-1[0-9]; do
+    if [ -x "$candidate" ] && links_shared_runtime "$candidate"; then
+      echo "gpu_check: $python_cxx links libstdc++ statically; building with $candidate" |
+        tee -a "$OUT/device.txt"
+      export CXX="$candidate" CC="${candidate/g++/gcc}" LDSHARED="$candidate -shared"
+      break
+    fi
+  done
+  [ -n "${LDSHARED:-}" ] ||
+    echo "gpu_check: $python_cxx links libstdc++ statically and no system g++ was found" |
+    tee -a "$OUT/device.txt"
+fi
+rm -rf "$probe_dir"
+
 ARCH="$("$PY" -c "import torch; print('{}.{}'.format(*torch.cuda.get_device_capability()))")"
 if ! step build 210 build.log env FUSED_BN_CUDA=1 FUSED_BN_PTXAS_VERBOSE=1 TORCH_CUDA_ARCH_LIST="$ARCH" \
   MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$PY" setup.py build_ext --inplace --build-temp build-gpu; then
@@ -69,14 +105,17 @@ if ! step build 210 build.log env FUSED_BN_CUDA=1 FUSED_BN_PTXAS_VERBOSE=1 TORCH
 fi
 "$PY" .ci/ptxas_report.py "$OUT/build.log" >"$OUT/ptxas.txt" 2>&1 || failed=1
 
-step tests 150 test_cuda.log "$PY" -m pytest tests/test_cuda.py tests/test_dropout.py -q -p no:cacheprovider \
+# One pytest run per file: a crash in one keeps the other's report.
+step tests_cuda 150 test_cuda.log "$PY" -m pytest tests/test_cuda.py -q -rfE -p no:cacheprovider \
   --junitxml="$OUT/test_cuda.xml"
+step tests_dropout 60 test_dropout.log "$PY" -m pytest tests/test_dropout.py -q -rfE \
+  -p no:cacheprovider --junitxml="$OUT/test_dropout.xml"
 step memcheck 60 memcheck.log "$SANITIZER" --tool memcheck --error-exitcode 1 \
   "$PY" benchmarks/gpu_sanitize_case.py
 step racecheck 60 racecheck.log "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "$PY" benchmarks/gpu_sanitize_case.py
 # shellcheck disable=SC2086  # FUSED_BN_BENCH_ARGS is a list of arguments
-step benchmark 150 benchmark.txt "$PY" -m benchmarks --device cuda \
+step benchmark "${FUSED_BN_BENCH_SECONDS:-150}" benchmark.txt "$PY" -m benchmarks --device cuda \
   --json "$OUT/benchmark.json" --markdown "$OUT/benchmark.md" \
   ${FUSED_BN_BENCH_ARGS:---dtypes float32 bfloat16 float16}
 

@@ -1,6 +1,6 @@
 """Loads the native extension and registers, for each fused_bn operator, its
-fake (meta) kernel for torch.compile/torch.export and, for Dropout, its
-autograd formula (batch_norm_act's is in csrc/batch_norm_autograd.cpp).
+fake (meta) kernel for torch.compile/torch.export. The autograd formulas are
+C++ (csrc/batch_norm_autograd.cpp, csrc/dropout_autograd.cpp).
 
 The operator schemas live in csrc/ops.cpp; the kernels in csrc/cpu and csrc/cuda.
 """
@@ -87,16 +87,9 @@ def _(grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, acti
     return _like_input(input)
 
 
-# ---- autograd -----------------------------------------------------------------
-# batch_norm_act's autograd formula is C++ (csrc/batch_norm_autograd.cpp), which
-# keeps Python out of every differentiable call; Dropout's is registered below.
-
-
 # ---- Dropout ------------------------------------------------------------------
 # The ops work on the input in its dense memory order and return
-# empty_like(input) outputs (csrc/dropout_common.h). Saved for backward: the
-# 1-bit mask (save_mask=True) or just the 2-element seed_offset, from which
-# backward regenerates the mask.
+# empty_like(input) outputs (csrc/dropout_common.h).
 
 
 def dropout_mask_bytes(numel):
@@ -123,56 +116,3 @@ def _(input, mask, p):
 @torch.library.register_fake("fused_bn::philox4x32")
 def _(counter, key):
     return torch.empty_like(counter, memory_format=torch.contiguous_format)
-
-
-def _with_stride(grad, stride):
-    """`grad` laid out with the forward output's strides, so that element i of
-    its memory order meets bit i of the mask."""
-    if grad.stride() == stride:
-        return grad
-    return torch.empty_strided(grad.shape, stride, dtype=grad.dtype, device=grad.device).copy_(grad)
-
-
-def _dropout_setup_context(ctx, inputs, output):
-    _input, p, seed_offset, save_mask = inputs
-    out, mask = output
-    ctx.p = p
-    ctx.save_mask = save_mask
-    ctx.output_stride = out.stride()
-    ctx.save_for_backward(mask if save_mask else seed_offset)
-    ctx.mark_non_differentiable(mask)
-
-
-def _dropout_backward(ctx, grad_output, _grad_mask):
-    (saved,) = ctx.saved_tensors
-    grad = _with_stride(grad_output, ctx.output_stride)
-    if ctx.save_mask:
-        grad_input = ops.dropout_apply_mask(grad, saved, ctx.p)
-    else:
-        grad_input, _ = ops.dropout(grad, ctx.p, saved, False)
-    return grad_input, None, None, None
-
-
-torch.library.register_autograd(
-    "fused_bn::dropout", _dropout_backward, setup_context=_dropout_setup_context
-)
-
-
-def _dropout_apply_mask_setup_context(ctx, inputs, output):
-    _input, mask, p = inputs
-    ctx.p = p
-    ctx.output_stride = output.stride()
-    ctx.save_for_backward(mask)
-
-
-def _dropout_apply_mask_backward(ctx, grad_output):
-    (mask,) = ctx.saved_tensors
-    grad = _with_stride(grad_output, ctx.output_stride)
-    return ops.dropout_apply_mask(grad, mask, ctx.p), None, None
-
-
-torch.library.register_autograd(
-    "fused_bn::dropout_apply_mask",
-    _dropout_apply_mask_backward,
-    setup_context=_dropout_apply_mask_setup_context,
-)

@@ -42,6 +42,8 @@ def _under_transform(*tensors):
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
+    if forward_ad._current_level < 0:  # outside forward_ad.dual_level(): no tangents
+        return False
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
@@ -95,12 +97,13 @@ def _batch_norm(
         )
     # The functional op raises on bad input before anything is written; the
     # running statistics are updated only after it has succeeded.
-    output, mean, invstd = ops.batch_norm_act(
+    # The overloads themselves (.default): each call through the packet costs more host time.
+    output, mean, invstd = ops.batch_norm_act.default(
         input, weight, bias, running_mean, running_var, training, eps, activation
     )
     if training and running_mean is not None and running_var is not None:
         count = input.numel() // input.size(1) if input.size(1) else 0
-        ops.update_running_stats_(
+        ops.update_running_stats_.default(
             running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count
         )
     return output

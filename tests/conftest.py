@@ -1,4 +1,5 @@
 import copy
+import inspect
 
 import pytest
 import torch
@@ -7,6 +8,16 @@ from torch import nn
 import fused_bn
 
 TORCH_BN = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+# BatchNorm's constructor option `bias` (bias=False: a weight but no bias) is
+# newer than some torch releases the modules run on; it is tested where torch has it.
+BIAS_FALSE = pytest.param(
+    dict(bias=False),
+    id="{'bias': False}",
+    marks=pytest.mark.skipif(
+        "bias" not in inspect.signature(nn.BatchNorm2d.__init__).parameters,
+        reason="this torch's BatchNorm has no bias argument",
+    ),
+)
 FUSED_BN = {1: fused_bn.BatchNorm1d, 2: fused_bn.BatchNorm2d, 3: fused_bn.BatchNorm3d}
 FUSED_BN_RELU = {
     1: fused_bn.BatchNormReLU1d, 2: fused_bn.BatchNormReLU2d, 3: fused_bn.BatchNormReLU3d

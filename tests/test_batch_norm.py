@@ -7,7 +7,7 @@ PyTorch run in float64 on the same values.
 
 import pytest
 import torch
-from conftest import TOLERANCE, layout_input, make_pair, reference_bn_module
+from conftest import BIAS_FALSE, TOLERANCE, layout_input, make_pair, reference_bn_module
 
 SHAPES = [
     (16, 5),  # (N, C)
@@ -83,7 +83,7 @@ def test_reduced_precision(shape, layout, activation, dtype):
 
 OPTIONS = [
     dict(affine=False),
-    dict(bias=False),
+    BIAS_FALSE,
     dict(track_running_stats=False),
     dict(momentum=None),
     dict(momentum=0.3, eps=1e-3),
@@ -92,7 +92,7 @@ OPTIONS = [
 
 
 @pytest.mark.parametrize("activation", ["identity", "relu"])
-@pytest.mark.parametrize("options", OPTIONS, ids=[str(o) for o in OPTIONS])
+@pytest.mark.parametrize("options", OPTIONS, ids=str)
 @pytest.mark.parametrize("shape", [(8, 4, 3, 3), (10, 4)])
 def test_constructor_options(shape, options, activation):
     run_and_compare(shape, "contiguous", activation, torch.float64, steps=3, **options)

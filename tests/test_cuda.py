@@ -63,8 +63,13 @@ def make_modules(shape, activation, dtype, param_dtype=None):
         bn.running_var.uniform_(0.5, 1.5)
     fused = fused_class(dims, activation)(channels)
     fused.load_state_dict(bn.state_dict())
+    fused.to(DEVICE, param_dtype or dtype)
+    # The reference gets the fused module's parameters and buffers as rounded
+    # to its dtype: a bias rounded to bfloat16 moves the ReLU's threshold, and
+    # an element near it would otherwise differ by its whole gradient.
+    bn.load_state_dict(fused.state_dict())
     reference = nn.Sequential(bn, nn.ReLU()) if activation == "relu" else bn
-    return reference.to(DEVICE, torch.float64), fused.to(DEVICE, param_dtype or dtype)
+    return reference.to(DEVICE, torch.float64), fused
 
 
 def run_step(module, x, dy):
@@ -252,6 +257,70 @@ def test_opcheck_every_op(activation):
         torch.library.opcheck(op, args)
 
 
+def running_stats_case(channels, running_dtype, stat_dtype):
+    g = torch.Generator().manual_seed(channels)
+    batch = (torch.randn(channels, generator=g, dtype=torch.float64).to(stat_dtype),
+             (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(stat_dtype))
+    running = ((torch.randn(channels, generator=g, dtype=torch.float64) * 0.2).to(running_dtype),
+               (torch.rand(channels, generator=g, dtype=torch.float64) + 0.5).to(running_dtype),
+               torch.tensor(4))
+    return batch, running
+
+
+@pytest.mark.parametrize("count", [50, 0])
+@pytest.mark.parametrize("momentum", [0.1, 0.7, None])
+@pytest.mark.parametrize(
+    "running_dtype,stat_dtype",
+    [(torch.float32, torch.float32), (torch.float64, torch.float64),
+     (torch.bfloat16, torch.float32), (torch.float16, torch.float32)], ids=str,
+)
+@pytest.mark.parametrize("channels", [3, 1000])
+def test_update_running_stats_kernel_matches_cpu(channels, running_dtype, stat_dtype, momentum,
+                                                 count):
+    """The one-launch CUDA update (more channels than threads too) against the CPU op."""
+    (mean, invstd), running = running_stats_case(channels, running_dtype, stat_dtype)
+    results = []
+    for device in ("cpu", DEVICE):
+        state = [t.to(device, copy=True) for t in running]
+        ops.update_running_stats_(*state, mean.to(device), invstd.to(device), momentum, 1e-5,
+                                  count)
+        results.append(state)
+    (cpu_mean, cpu_var, cpu_batches), (cuda_mean, cuda_var, cuda_batches) = results
+    # One rounding step of the running type: nvcc may fuse the lerp's multiply-add.
+    step = torch.finfo(running_dtype).eps
+    torch.testing.assert_close(cuda_mean.cpu(), cpu_mean, atol=step, rtol=step)
+    torch.testing.assert_close(cuda_var.cpu(), cpu_var, atol=step, rtol=step)
+    assert cuda_batches.item() == cpu_batches.item() == 5
+    if count == 0:
+        assert torch.equal(cuda_mean.cpu(), running[0]) and torch.equal(cuda_var.cpu(), running[1])
+
+
+def test_update_running_stats_strided_buffers_take_the_general_path():
+    (mean, invstd), (running_mean, running_var, batches) = running_stats_case(
+        7, torch.float32, torch.float32)
+    expected = [t.to(DEVICE) for t in (running_mean, running_var, batches)]
+    ops.update_running_stats_(*expected, mean.to(DEVICE), invstd.to(DEVICE), None, 1e-5, 30)
+    wide = torch.zeros(14, device=DEVICE)
+    strided_mean = wide[::2].copy_(running_mean)
+    actual = [strided_mean, running_var.to(DEVICE), batches.to(DEVICE)]
+    ops.update_running_stats_(*actual, mean.to(DEVICE), invstd.to(DEVICE), None, 1e-5, 30)
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-6, rtol=1e-6)
+
+
+def test_update_running_stats_without_num_batches_tracked():
+    (mean, invstd), (running_mean, running_var, _) = running_stats_case(
+        5, torch.float32, torch.float32)
+    cpu = [running_mean.clone(), running_var.clone()]
+    ops.update_running_stats_(*cpu, None, mean, invstd, 0.3, 1e-5, 20)
+    cuda = [running_mean.to(DEVICE), running_var.to(DEVICE)]
+    ops.update_running_stats_(*cuda, None, mean.to(DEVICE), invstd.to(DEVICE), 0.3, 1e-5, 20)
+    for c, g in zip(cpu, cuda):
+        torch.testing.assert_close(g.cpu(), c, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="needs num_batches_tracked"):
+        ops.update_running_stats_(*cuda, None, mean.to(DEVICE), invstd.to(DEVICE), None, 1e-5, 20)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cuda_graph_train_step(layout):
     """A whole training step (forward, backward, optimizer) captured once and
@@ -313,7 +382,9 @@ def test_wrong_device_and_dtype_errors():
         ops.batch_norm_act(x, torch.ones(3), None, None, None, True, 1e-5, "relu")
     with pytest.raises(NotImplementedError, match="not implemented for 'Int'"):
         ops.batch_norm_act(x.int(), None, None, None, None, True, 1e-5, "relu")
-    with pytest.raises(RuntimeError, match="expected weight to have the input's dtype"):
+    # PyTorch's wording (its CPU kernel's), as on the CPU.
+    mixed = r"mixed dtype: all inputs must share same datatype \(input is Float, weight is Double\)"
+    with pytest.raises(RuntimeError, match=mixed):
         ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None,
                            True, 1e-5, "relu")
 

@@ -4,7 +4,7 @@ import inspect
 
 import pytest
 import torch
-from conftest import FUSED_BN, FUSED_BN_RELU, TORCH_BN
+from conftest import BIAS_FALSE, FUSED_BN, FUSED_BN_RELU, TORCH_BN
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -27,7 +27,7 @@ def test_relu_variant_is_not_a_plain_batchnorm(kind):
 
 
 @pytest.mark.parametrize(
-    "options", [{}, dict(affine=False), dict(track_running_stats=False), dict(bias=False)]
+    "options", [{}, dict(affine=False), dict(track_running_stats=False), BIAS_FALSE]
 )
 @pytest.mark.parametrize("kind", KINDS)
 def test_state_dict_round_trips_with_torch(kind, options):
