@@ -16,10 +16,11 @@
 #include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <vector>
+
+#include "autograd_records.h"
 
 namespace fused_bn {
 namespace {
@@ -259,17 +260,6 @@ TensorTriple batch_norm_act_autograd(const Tensor& input, const c10::optional<Te
   variable_list out = BatchNormActFunction::apply(input, weight, bias, running_mean, running_var,
                                                   training, eps, activation);
   return {out[0], out[1], out[2]};
-}
-
-// Whether autograd has anything to record for a call on these tensors: a
-// gradient (grad mode on and one of them requires it) or a forward-mode tangent.
-bool autograd_records(std::initializer_list<c10::optional<Tensor>> tensors) {
-  const bool grad_mode = at::GradMode::is_enabled();
-  for (const c10::optional<Tensor>& t : tensors) {
-    if (!t.has_value() || !t->defined()) continue;
-    if ((grad_mode && t->requires_grad()) || t->_fw_grad(/*level=*/0).defined()) return true;
-  }
-  return false;
 }
 
 TensorTriple batch_norm_act_backward_autograd(const Tensor& grad_output, const Tensor& input,

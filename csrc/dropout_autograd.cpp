@@ -13,9 +13,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <tuple>
 #include <vector>
+
+#include "autograd_records.h"
 
 namespace fused_bn {
 namespace {
@@ -45,13 +46,6 @@ Tensor dropout_apply_mask_op(const Tensor& input, const Tensor& mask, double p) 
 Tensor with_strides(const Tensor& grad, const std::vector<int64_t>& strides) {
   if (grad.strides() == c10::IntArrayRef(strides)) return grad;
   return at::empty_strided(grad.sizes(), strides, grad.options()).copy_(grad);
-}
-
-// Whether autograd has anything to record for a call on `input`: a gradient,
-// or a forward-mode tangent (which the nodes refuse with autograd's error).
-bool autograd_records(const Tensor& input) {
-  return (at::GradMode::is_enabled() && input.requires_grad()) ||
-         input._fw_grad(/*level=*/0).defined();
 }
 
 class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
@@ -111,7 +105,7 @@ class DropoutApplyMaskFunction : public torch::autograd::Function<DropoutApplyMa
 
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p,
                                             const Tensor& seed_offset, bool save_mask) {
-  if (!autograd_records(input)) {
+  if (!autograd_records({input})) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return dropout_op(input, p, seed_offset, save_mask);
   }
@@ -120,7 +114,7 @@ std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p,
 }
 
 Tensor dropout_apply_mask_autograd(const Tensor& input, const Tensor& mask, double p) {
-  if (!autograd_records(input)) {
+  if (!autograd_records({input})) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return dropout_apply_mask_op(input, mask, p);
   }
