@@ -1,8 +1,9 @@
 #pragma once
 // Per-channel arithmetic of update_running_stats_, shared by the CPU loop
 // (running_stats.cpp) and the CUDA kernel (cuda/running_stats.cu). It is the
-// arithmetic of the op's general path in ATen tensor ops, element by element,
-// so all three give the same bits.
+// arithmetic of the op's general path in ATen tensor ops, element by element:
+// the CPU loop gives that path's bits; CUDA may differ by one rounding step
+// where nvcc fuses a multiply-add.
 #include <cstdint>
 
 #include "fused_bn/macros.h"
