@@ -35,6 +35,8 @@ COLUMNS = [  # (row key, header, format)
     ("speedup_vs_compile", "vs compile", "{:.2f}x"),
     ("fused_GBps", "GB/s", "{:.1f}"),
     ("pct_of_copy_bw", "% copy BW", "{:.0f}%"),
+    ("memory_GBps", "mem GB/s", "{:.1f}"),
+    ("pct_of_memory_bw", "% mem BW", "{:.0f}%"),
     ("saved_fused_MB", "saved MB fused", "{:.1f}"),
     ("saved_eager_MB", "saved MB eager", "{:.1f}"),
     ("faults_fused", "faults fused", "{:.0f}"),
@@ -167,7 +169,10 @@ def write_markdown(path, rows, info, command):
         "over interleaved rounds: the implementations of a row take turns. "
         "GB/s counts the minimum bytes the op must move (forward: read x, write y; "
         "backward: read x and grad, write grad_input); % copy BW compares it with a "
-        "copy of the same tensor (`copy ms`, read + write) timed in the same run. "
+        "copy of the same tensor (`copy ms`, read + write) timed in the same rounds, "
+        "% mem BW with the bandwidth of a copy far larger than the caches (`mem GB/s`, "
+        "read + write, timed in the same rounds): 100% is the memory floor of the op, "
+        "and rows above it are served partly from cache. "
         "`faults` are minor page faults per step (a step that page-faults its outputs "
         "in pays ~1 us per 4 KiB page on a VM).",
         "",

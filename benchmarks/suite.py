@@ -6,10 +6,13 @@ interleaved rounds), and reports
 the achieved bandwidth by the minimum-bytes count (the bytes the op must move at
 least: every input read once, every output written once) against the
 bandwidth of a copy of the same tensor (copy_ into a preallocated tensor of the
-same layout) timed in the same run, and the minor page faults of a step.
+same layout) and of a copy far larger than the caches (memory bandwidth), both
+timed in the same rounds, and the minor page faults of a step.
 """
 
 import dataclasses
+import functools
+import glob
 import math
 import sys
 import time
@@ -166,6 +169,33 @@ def saved_tensor_bytes(module, x, op):
     return sum(storages.values())
 
 
+# The memory-bandwidth copy moves at least this much, and at least
+# MEMORY_COPY_CACHE_FACTOR times the last-level cache, so that it runs from memory.
+MEMORY_COPY_MIN_BYTES = 256 << 20
+MEMORY_COPY_CACHE_FACTOR = 8
+
+
+def last_level_cache_bytes(device):
+    """Size of the largest cache one CPU core (or the GPU) sees; 0 where unknown."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
+    sizes = [0]
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        with open(path) as f:
+            text = f.read().strip()  # e.g. "32768K"
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes)
+
+
+@functools.cache
+def memory_copy_buffers(device):
+    """(source, destination) of the memory-bandwidth copy, allocated once per device."""
+    nbytes = max(MEMORY_COPY_MIN_BYTES, MEMORY_COPY_CACHE_FACTOR * last_level_cache_bytes(device))
+    source = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    return source, torch.empty_like(source)
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -219,8 +249,10 @@ def run_case(case, args):
         "layout": case.layout,
         "device": case.device,
     }
+    memory_src, memory_dst = memory_copy_buffers(case.device)
     steps = {
         "copy": lambda: copy_dst.copy_(x),
+        "memory_copy": lambda: memory_dst.copy_(memory_src),
         "fused": step_fn(fused, x, grad, case.op),
         "eager": step_fn(eager, x, grad, case.op),
     }
@@ -239,6 +271,9 @@ def run_case(case, args):
     row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
     copy_gbps = 2 * x.numel() * x.element_size() / (row["copy_ms"] * 1e-3) / 1e9
     row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_gbps
+    memory_bytes = 2 * memory_src.numel() * memory_src.element_size()
+    row["memory_GBps"] = memory_bytes / (row.pop("memory_copy_ms") * 1e-3) / 1e9
+    row["pct_of_memory_bw"] = 100 * row["fused_GBps"] / row["memory_GBps"]
     row["faults_fused"] = faults_per_call(steps["fused"], case.device)
     row["faults_eager"] = faults_per_call(steps["eager"], case.device)
     if case.op.backward:

@@ -1,5 +1,6 @@
 """The benchmark's measurement helpers (the timings themselves are not asserted)."""
 
+import glob
 import time
 
 import pytest
@@ -55,8 +56,22 @@ def test_run_case_row():
     for key in ("copy_ms", "fused_ms", "eager_ms", "compile_ms"):
         assert row[key] > 0
     assert row["speedup_vs_eager"] == pytest.approx(row["eager_ms"] / row["fused_ms"])
+    assert row["memory_GBps"] > 0 and "memory_copy_ms" not in row
+    assert row["pct_of_memory_bw"] == pytest.approx(100 * row["fused_GBps"] / row["memory_GBps"])
     assert row["faults_fused"] >= 0 and row["faults_eager"] >= 0
     assert row["saved_fused_MB"] < row["saved_eager_MB"]  # BN+ReLU keeps x only
+
+
+def test_memory_copy_is_far_larger_than_the_caches():
+    cache = suite.last_level_cache_bytes("cpu")
+    if glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        assert cache >= 1 << 20  # where Linux reports the caches, the largest is 1 MiB or more
+    source, destination = suite.memory_copy_buffers("cpu")
+    nbytes = source.numel() * source.element_size()
+    assert nbytes >= suite.MEMORY_COPY_MIN_BYTES
+    assert nbytes >= suite.MEMORY_COPY_CACHE_FACTOR * cache
+    assert destination.shape == source.shape and destination.data_ptr() != source.data_ptr()
+    assert suite.memory_copy_buffers("cpu")[0] is source  # allocated once
 
 
 def test_rounds_and_threads_must_be_positive():
