@@ -170,9 +170,11 @@ def saved_tensor_bytes(module, x, op):
 
 
 # The memory-bandwidth copy moves at least this much, and at least
-# MEMORY_COPY_CACHE_FACTOR times the last-level cache, so that it runs from memory.
+# MEMORY_COPY_CACHE_FACTOR times the last-level cache, so that it runs from memory
+# (the factor also covers threads spread over a few separate L3 caches).
 MEMORY_COPY_MIN_BYTES = 256 << 20
 MEMORY_COPY_CACHE_FACTOR = 8
+_SIZE_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def last_level_cache_bytes(device):
@@ -180,11 +182,11 @@ def last_level_cache_bytes(device):
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).L2_cache_size
     sizes = [0]
-    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):  # Linux
         with open(path) as f:
             text = f.read().strip()  # e.g. "32768K"
-        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+        unit = _SIZE_UNITS.get(text[-1:], 1)
+        sizes.append(int(text[:-1] if unit > 1 else text) * unit)
     return max(sizes)
 
 
