@@ -198,6 +198,11 @@ def memory_copy_buffers(device):
     return source, torch.empty_like(source)
 
 
+def copy_GBps(source, ms):
+    """Bandwidth of a copy of `source` that took `ms`, counting read + write."""
+    return 2 * source.numel() * source.element_size() / (ms * 1e-3) / 1e9
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -271,10 +276,8 @@ def run_case(case, args):
         row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"]
     min_bytes = case.op.min_passes * x.numel() * x.element_size()
     row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
-    copy_gbps = 2 * x.numel() * x.element_size() / (row["copy_ms"] * 1e-3) / 1e9
-    row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_gbps
-    memory_bytes = 2 * memory_src.numel() * memory_src.element_size()
-    row["memory_GBps"] = memory_bytes / (row.pop("memory_copy_ms") * 1e-3) / 1e9
+    row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_GBps(x, row["copy_ms"])
+    row["memory_GBps"] = copy_GBps(memory_src, row.pop("memory_copy_ms"))
     row["pct_of_memory_bw"] = 100 * row["fused_GBps"] / row["memory_GBps"]
     row["faults_fused"] = faults_per_call(steps["fused"], case.device)
     row["faults_eager"] = faults_per_call(steps["eager"], case.device)
