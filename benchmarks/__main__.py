@@ -37,6 +37,7 @@ COLUMNS = [  # (row key, header, format)
     ("pct_of_copy_bw", "% copy BW", "{:.0f}%"),
     ("memory_GBps", "mem GB/s", "{:.1f}"),
     ("pct_of_memory_bw", "% mem BW", "{:.0f}%"),
+    ("floor_speedup_vs_eager", "floor vs eager", "{:.2f}x"),
     ("saved_fused_MB", "saved MB fused", "{:.1f}"),
     ("saved_eager_MB", "saved MB eager", "{:.1f}"),
     ("faults_fused", "faults fused", "{:.0f}"),
@@ -172,7 +173,8 @@ def write_markdown(path, rows, info, command):
         "copy of the same tensor (`copy ms`, read + write) timed in the same rounds, "
         "% mem BW with the bandwidth of a copy far larger than the caches (`mem GB/s`, "
         "read + write, timed in the same rounds): 100% is the memory floor of the op, "
-        "and rows above it are served partly from cache. "
+        "and rows above it are served partly from cache. `floor vs eager` is eager's "
+        "time over that floor: the most a step streaming from memory can gain on eager. "
         "`faults` are minor page faults per step (a step that page-faults its outputs "
         "in pays ~1 us per 4 KiB page on a VM).",
         "",

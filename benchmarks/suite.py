@@ -279,6 +279,10 @@ def run_case(case, args):
     row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_GBps(x, row["copy_ms"])
     row["memory_GBps"] = copy_GBps(memory_src, row.pop("memory_copy_ms"))
     row["pct_of_memory_bw"] = 100 * row["fused_GBps"] / row["memory_GBps"]
+    # Eager's time over the memory floor (the minimum bytes at the memory copy's bandwidth):
+    # the speedup an implementation streaming from memory cannot exceed in this row.
+    floor_ms = min_bytes / (row["memory_GBps"] * 1e9) * 1e3
+    row["floor_speedup_vs_eager"] = row["eager_ms"] / floor_ms
     row["faults_fused"] = faults_per_call(steps["fused"], case.device)
     row["faults_eager"] = faults_per_call(steps["eager"], case.device)
     if case.op.backward:

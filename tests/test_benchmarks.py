@@ -58,6 +58,10 @@ def test_run_case_row():
     assert row["speedup_vs_eager"] == pytest.approx(row["eager_ms"] / row["fused_ms"])
     assert row["memory_GBps"] > 0 and "memory_copy_ms" not in row
     assert row["pct_of_memory_bw"] == pytest.approx(100 * row["fused_GBps"] / row["memory_GBps"])
+    # At 100% of the memory bandwidth the fused step would be as much faster than eager as
+    # the floor is.
+    assert row["floor_speedup_vs_eager"] == pytest.approx(
+        row["speedup_vs_eager"] * 100 / row["pct_of_memory_bw"])
     assert row["faults_fused"] >= 0 and row["faults_eager"] >= 0
     assert row["saved_fused_MB"] < row["saved_eager_MB"]  # BN+ReLU keeps x only
 
