@@ -3,13 +3,44 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
+#include <sstream>
+#include <string>
+
 namespace fused_bn {
 
-Activation parse_activation(const std::string& name) {
-  if (name == "identity") return Activation::Identity;
-  if (name == "relu") return Activation::ReLU;
+namespace {
+
+struct ActivationName {
+  const char* name;
+  Activation kind;
+  size_t params;
+};
+
+constexpr ActivationName kActivations[] = {
+    {"identity", Activation::Identity, 0}, {"relu", Activation::ReLU, 0},
+    {"relu6", Activation::Hardtanh, 0},    {"hardtanh", Activation::Hardtanh, 2},
+    {"leaky_relu", Activation::LeakyReLU, 1}, {"silu", Activation::SiLU, 0},
+    {"hardswish", Activation::Hardswish, 0}, {"elu", Activation::ELU, 1},
+};
+
+bool defined(const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+}  // namespace
+
+ActivationSpec parse_activation(c10::string_view name, c10::ArrayRef<double> params) {
+  for (const ActivationName& known : kActivations) {
+    if (name != known.name) continue;
+    TORCH_CHECK(params.size() == known.params, "fused_bn: activation '", known.name, "' takes ",
+                known.params, " parameter(s), got ", params.size());
+    ActivationSpec spec{known.kind, 0, 0};
+    if (name == "relu6") spec = {Activation::Hardtanh, 0, 6};
+    if (params.size() > 0) spec.alpha = params[0];
+    if (params.size() > 1) spec.beta = params[1];
+    return spec;
+  }
   TORCH_CHECK(false, "fused_bn: unknown activation '", name,
-              "'; expected 'identity' or 'relu'");
+              "'; expected identity, relu, relu6, hardtanh, leaky_relu, silu, hardswish or elu");
 }
 
 at::ScalarType accumulate_type(const at::Tensor& input) {
@@ -18,44 +49,101 @@ at::ScalarType accumulate_type(const at::Tensor& input) {
 
 static void check_channel_tensor(const at::Tensor& input, const c10::optional<at::Tensor>& t,
                                  const char* name) {
-  if (!t.has_value() || !t->defined()) return;
+  if (!defined(t)) return;
   const int64_t channels = input.size(1);
-  TORCH_CHECK(t->dim() == 1 && t->numel() == channels, name, " should contain ", channels,
-              " elements not ", t->numel());
+  TORCH_CHECK(t->numel() == channels, name, " should contain ", channels, " elements not ",
+              t->numel());
   TORCH_CHECK(t->device() == input.device(),
-              "Expected all tensors to be on the same device, but found input on ",
-              input.device(), " and ", name, " on ", t->device());
-  const bool reduced_input = input.scalar_type() == at::kHalf || input.scalar_type() == at::kBFloat16;
-  // PyTorch's wording (its CPU kernel's), plus which tensor is off.
-  if (reduced_input) {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type() || t->scalar_type() == at::kFloat,
-                "mixed dtype: expect parameter to have scalar type of Float (input is ",
-                input.scalar_type(), ", ", name, " is ", t->scalar_type(), ")");
-  } else {
-    TORCH_CHECK(t->scalar_type() == input.scalar_type(),
-                "mixed dtype: all inputs must share same datatype (input is ", input.scalar_type(),
-                ", ", name, " is ", t->scalar_type(), ")");
+              "Expected all tensors to be on the same device, but found at least two devices, ",
+              input.device(), " and ", t->device(), "!");
+}
+
+// PyTorch's rule: the first parameter given decides. Of the input's dtype,
+// every parameter must be; otherwise (mixed precision) every parameter must
+// be float32 and the input float16/bfloat16.
+static void check_parameter_dtypes(const at::Tensor& input,
+                                   std::initializer_list<const c10::optional<at::Tensor>*> params) {
+  const c10::optional<at::Tensor>* first = nullptr;
+  for (const auto* p : params) {
+    if (defined(*p)) {
+      first = p;
+      break;
+    }
   }
+  if (first == nullptr) return;
+  const at::ScalarType dtype = input.scalar_type();
+  if ((*first)->scalar_type() == dtype) {
+    for (const auto* p : params) {
+      TORCH_CHECK(!defined(*p) || (*p)->scalar_type() == dtype, "expected scalar type ", dtype,
+                  " but found ", (*p)->scalar_type());
+    }
+    return;
+  }
+  for (const auto* p : params) {
+    TORCH_CHECK(!defined(*p) || (*p)->scalar_type() == at::kFloat,
+                "mixed dtype (CPU): expect parameter to have scalar type of Float");
+  }
+  TORCH_CHECK(dtype == at::kHalf || dtype == at::kBFloat16,
+              "mixed dtype (CPU): all inputs must share same datatype.");
 }
 
 void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias,
                              const c10::optional<at::Tensor>& running_mean,
                              const c10::optional<at::Tensor>& running_var) {
-  TORCH_CHECK(input.dim() >= 2, "batch_norm: expected input with at least 2 dims (N, C, ...), got ",
-              input.dim(), "D input");
+  TORCH_CHECK_INDEX(input.dim() >= 2, "Dimension out of range (expected to be in range of [",
+                    -std::max<int64_t>(input.dim(), 1), ", ", std::max<int64_t>(input.dim(), 1) - 1,
+                    "], but got 1)");
   TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()),
-                              "\"batch_norm\" not implemented for '",
-              input.scalar_type(), "'");
+                              "\"batch_norm\" not implemented for '", input.scalar_type(), "'");
   check_channel_tensor(input, running_mean, "running_mean");
   check_channel_tensor(input, running_var, "running_var");
   check_channel_tensor(input, weight, "weight");
   check_channel_tensor(input, bias, "bias");
+  if (input.numel() > 0) check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
+}
+
+namespace {
+
+// `value` as Python's repr() writes a float (shortest round trip, ".0" on
+// integral values), so that messages read as PyTorch's Python checks write them.
+std::string python_float(double value) {
+  char buffer[64];
+  const auto result = std::to_chars(buffer, buffer + sizeof(buffer), value);
+  std::string text(buffer, result.ptr);
+  if (text.find_first_of(".eEn") == std::string::npos) text += ".0";  // not nan/inf/1e+16
+  return text;
+}
+
+}  // namespace
+
+void check_eps(double eps, bool training) {
+  // F.batch_norm's comparisons: a NaN eps passes, as there.
+  if (training) {
+    TORCH_CHECK_VALUE(!(eps <= 0), "batch_norm eps must be positive during training, but got ",
+                      python_float(eps));
+  } else {
+    TORCH_CHECK_VALUE(!(eps < 0), "batch_norm eps must be non-negative, but got ",
+                      python_float(eps));
+  }
+}
+
+void check_batch_size(const at::Tensor& input) {
+  if (input.dim() == 0) return;  // check_batch_norm_inputs raises
+  int64_t values_per_channel = input.size(0);
+  for (int64_t d = 2; d < input.dim(); ++d) values_per_channel *= input.size(d);
+  if (values_per_channel != 1) return;
+  std::ostringstream size;
+  size << "torch.Size([";
+  for (int64_t d = 0; d < input.dim(); ++d) size << (d ? ", " : "") << input.size(d);
+  size << "])";
+  TORCH_CHECK_VALUE(false, "Expected more than 1 value per channel when training, got input size ",
+                    size.str());
 }
 
 void check_channel_stat(const at::Tensor& input, const at::Tensor& stat, const char* name) {
-  TORCH_CHECK(stat.dim() == 1 && stat.numel() == input.size(1), name, " should contain ",
-              input.size(1), " elements not ", stat.numel());
+  TORCH_CHECK(stat.numel() == input.size(1), name, " should contain ", input.size(1),
+              " elements not ", stat.numel());
   TORCH_CHECK(stat.device() == input.device(), "Expected ", name,
               " on the input's device ", input.device(), ", got ", stat.device());
   TORCH_CHECK(stat.scalar_type() == accumulate_type(input), "expected ", name, " of dtype ",
@@ -63,12 +151,14 @@ void check_channel_stat(const at::Tensor& input, const at::Tensor& stat, const c
               stat.scalar_type());
 }
 
-void check_grad_output(const at::Tensor& grad_output, const at::Tensor& input) {
-  TORCH_CHECK(grad_output.sizes() == input.sizes(), "grad_output of shape ", grad_output.sizes(),
+void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* name) {
+  TORCH_CHECK(t.sizes() == input.sizes(), name, " of shape ", t.sizes(),
               " does not match input of shape ", input.sizes());
-  TORCH_CHECK(grad_output.device() == input.device() &&
-                  grad_output.scalar_type() == input.scalar_type(),
-              "grad_output must have the input's device and dtype");
+  TORCH_CHECK(t.device() == input.device(),
+              "Expected all tensors to be on the same device, but found at least two devices, ",
+              input.device(), " and ", t.device(), "!");
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
+              input.scalar_type(), ", got ", t.scalar_type());
 }
 
 at::MemoryFormat output_memory_format(const at::Tensor& input) {
@@ -83,7 +173,7 @@ at::MemoryFormat output_memory_format(const at::Tensor& input) {
 at::Tensor channel_param_or(const c10::optional<at::Tensor>& param, const at::Tensor& input,
                             double fill) {
   const auto options = input.options().dtype(accumulate_type(input));
-  if (param.has_value() && param->defined()) return param->to(options).contiguous();
+  if (defined(param)) return param->reshape({input.size(1)}).to(options).contiguous();
   return at::full({input.size(1)}, fill, options);
 }
 

@@ -1,19 +1,22 @@
 #pragma once
 // The BatchNorm(+activation) ops of ops.cpp for any backend: argument checks,
-// layout canonicalization, allocation and the empty-batch rules live here once;
-// a backend supplies the loops as `Kernels` (static functions with the
-// signatures of cpu/batch_norm_kernel.h) and registers
+// layout canonicalization, allocation, the empty-batch rules and the running
+// statistics' update live here once; a backend supplies the loops as
+// `Kernels` (static functions with the signatures of cpu/batch_norm_kernel.h,
+// plus its update_running_stats) and registers
 // BatchNormOps<Kernels>::register_kernels in its TORCH_LIBRARY_IMPL block.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include <array>
 #include <string>
 #include <tuple>
 
 #include "batch_norm_common.h"
 #include "cpu/batch_norm_kernel.h"
 #include "output_placement.h"
+#include "running_stats.h"
 
 namespace fused_bn {
 
@@ -23,6 +26,7 @@ struct BatchNormOps {
   template <typename T>
   using optional = c10::optional<T>;
   using ChannelView = cpu::ChannelView;
+  using TensorTriple = std::tuple<Tensor, Tensor, Tensor>;
 
   static void register_kernels(torch::Library& m) {
     m.impl("batch_norm_act", &batch_norm_act);
@@ -56,8 +60,17 @@ struct BatchNormOps {
     return p;
   }
 
+  // `t` (a residual or a gradient) in the memory layout of the prepared input.
+  static Tensor like_prepared(const Tensor& t, const Prepared& p) {
+    return t.contiguous(output_memory_format(p.input));
+  }
+
   static Tensor channel_stat_like(const Tensor& input) {
     return at::empty({input.size(1)}, input.options().dtype(accumulate_type(input)));
+  }
+
+  static Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
+    return t.defined() ? t : at::empty({0}, like.options());
   }
 
   // The checks of the ops that take saved statistics (and a gradient, when
@@ -67,62 +80,104 @@ struct BatchNormOps {
                              const Tensor& invstd, const Tensor* grad_output = nullptr) {
     check_device(input, op);
     check_batch_norm_inputs(input, weight, bias, c10::nullopt, c10::nullopt);
-    if (grad_output != nullptr) check_grad_output(*grad_output, input);
+    if (grad_output != nullptr) check_like_input(*grad_output, input, "grad_output");
     check_channel_stat(input, mean, "mean");
     check_channel_stat(input, invstd, "invstd");
   }
 
-  // grad_output in the same memory layout as the prepared input.
-  static Tensor grad_like_input(const Tensor& grad_output, const Prepared& p) {
-    return grad_output.contiguous(output_memory_format(p.input));
-  }
-
   static Tensor param_grad(const Tensor& sum, const optional<Tensor>& param) {
-    if (param.has_value() && param->defined()) return sum.to(param->scalar_type());
+    if (param.has_value() && param->defined()) {
+      return sum.to(param->scalar_type()).reshape(param->sizes());
+    }
     return sum;
   }
 
-  static std::tuple<Tensor, Tensor, Tensor> batch_norm_act(
-      const Tensor& input, const optional<Tensor>& weight, const optional<Tensor>& bias,
-      const optional<Tensor>& running_mean, const optional<Tensor>& running_var, bool training,
-      double eps, c10::string_view activation) {
+  // mean and invstd of running statistics (eval), as new tensors.
+  static void eval_stats(const Tensor& running_mean, const Tensor& running_var, double eps,
+                         Tensor& mean, Tensor& invstd) {
+    mean.copy_(running_mean.reshape({mean.numel()}));
+    at::rsqrt_out(invstd, running_var.reshape({invstd.numel()}).to(invstd.scalar_type()) + eps);
+  }
+
+  static TensorTriple batch_norm_act(const Tensor& input, const optional<Tensor>& weight,
+                                     const optional<Tensor>& bias,
+                                     const optional<Tensor>& running_mean,
+                                     const optional<Tensor>& running_var,
+                                     const optional<Tensor>& num_batches_tracked, bool training,
+                                     optional<double> momentum, double eps,
+                                     c10::string_view activation,
+                                     c10::ArrayRef<double> activation_params,
+                                     const optional<Tensor>& residual) {
+    // Every check first: a call that raises changes nothing.
+    // In F.batch_norm's order: batch size, eps, then the tensors.
     check_device(input, "batch_norm_act");
+    if (training) check_batch_size(input);
+    check_eps(eps, training);
     check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
-    const Activation act = parse_activation(std::string(activation));
+    const ActivationSpec act = parse_activation(activation, activation_params);
+    const bool has_residual = residual.has_value() && residual->defined();
+    if (has_residual) check_like_input(*residual, input, "residual");
+    const bool has_running = running_mean.has_value() && running_mean->defined() &&
+                             running_var.has_value() && running_var->defined();
+    if (training) {
+      if (has_running) {
+        check_running_stats(input.size(1), input.device(), *running_mean, *running_var,
+                            num_batches_tracked, momentum);
+      }
+    } else {
+      TORCH_CHECK(has_running,
+                  "batch_norm_act: running_mean and running_var are required when training=False");
+    }
+
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    Tensor output = empty_like_placed(p.input, {p.input});
+    const Tensor res = has_residual ? like_prepared(*residual, p) : Tensor();
+    Tensor output = has_residual ? empty_like_placed(p.input, {p.input, res})
+                                 : empty_like_placed(p.input, {p.input});
     Tensor mean = channel_stat_like(input);
     Tensor invstd = channel_stat_like(input);
-    if (training) {
-      if (p.view.count() == 0) {  // empty batch: nothing to normalize, no statistics
-        mean.zero_();
-        invstd.zero_();
-        return {output, mean, invstd};
+    const int64_t count = p.view.count();
+    if (!training) {
+      eval_stats(*running_mean, *running_var, eps, mean, invstd);
+      if (count > 0) {
+        Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act,
+                                             res, output);
       }
-      Kernels::batch_norm_act_train_kernel(p.input, p.view, p.weight, p.bias, eps, act, output,
-                                           mean, invstd);
       return {output, mean, invstd};
     }
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                "batch_norm_act: running_mean and running_var are required when training=False");
-    mean.copy_(*running_mean);
-    at::rsqrt_out(invstd, running_var->to(invstd.scalar_type()) + eps);
-    Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act,
-                                         output);
+    if (count == 0) {  // empty batch: nothing to normalize, no statistics
+      mean.zero_();
+      invstd.zero_();
+    } else {
+      Kernels::batch_norm_act_train_kernel(p.input, p.view, p.weight, p.bias, eps, act, res,
+                                           output, mean, invstd);
+    }
+    if (has_running) {
+      Tensor rm = *running_mean, rv = *running_var;
+      Kernels::update_running_stats(rm, rv, num_batches_tracked, mean, invstd, momentum, eps,
+                                    count);
+    } else if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      num_batches_tracked->add_(1);
+    }
     return {output, mean, invstd};
   }
 
-  static std::tuple<Tensor, Tensor, Tensor> batch_norm_act_backward(
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_act_backward(
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd, bool training,
-      c10::string_view activation) {
+      c10::string_view activation, c10::ArrayRef<double> activation_params,
+      const optional<Tensor>& residual, std::array<bool, 4> output_mask) {
     check_stats_op("batch_norm_act_backward", input, weight, bias, mean, invstd, &grad_output);
-    const Activation act = parse_activation(std::string(activation));
+    const ActivationSpec act = parse_activation(activation, activation_params);
+    const bool has_residual = residual.has_value() && residual->defined();
+    if (has_residual) check_like_input(*residual, input, "residual");
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    const Tensor dy = grad_like_input(grad_output, p);
-    Tensor grad_input = empty_like_placed(p.input, {p.input, dy});
+    const Tensor dy = like_prepared(grad_output, p);
+    const Tensor res = has_residual ? like_prepared(*residual, p) : Tensor();
+    Tensor grad_input, grad_residual;
+    if (output_mask[0]) grad_input = empty_like_placed(p.input, {p.input, dy});
+    if (output_mask[3] && has_residual) grad_residual = empty_like_placed(p.input, {p.input, dy});
     Tensor sum_dy = channel_stat_like(input);
     Tensor sum_dy_xmu = channel_stat_like(input);
     const Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
@@ -131,10 +186,13 @@ struct BatchNormOps {
       sum_dy_xmu.zero_();
     } else {
       Kernels::batch_norm_act_backward_kernel(dy, p.input, p.view, mean_c, invstd_c, p.weight,
-                                              p.bias, training, act, grad_input, sum_dy,
-                                              sum_dy_xmu);
+                                              p.bias, training, act, res, grad_input,
+                                              grad_residual, sum_dy, sum_dy_xmu);
     }
-    return {grad_input, param_grad(sum_dy_xmu * invstd_c, weight), param_grad(sum_dy, bias)};
+    const Tensor grad_weight = output_mask[1] ? param_grad(sum_dy_xmu * invstd_c, weight) : Tensor();
+    const Tensor grad_bias = output_mask[2] ? param_grad(sum_dy, bias) : Tensor();
+    return {defined_or_empty(grad_input, input), defined_or_empty(grad_weight, mean),
+            defined_or_empty(grad_bias, mean), defined_or_empty(grad_residual, input)};
   }
 
   static std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& input) {
@@ -152,31 +210,33 @@ struct BatchNormOps {
 
   static Tensor batch_norm_act_elemt(const Tensor& input, const optional<Tensor>& weight,
                                      const optional<Tensor>& bias, const Tensor& mean,
-                                     const Tensor& invstd, c10::string_view activation) {
+                                     const Tensor& invstd, c10::string_view activation,
+                                     c10::ArrayRef<double> activation_params) {
     check_stats_op("batch_norm_act_elemt", input, weight, bias, mean, invstd);
-    const Activation act = parse_activation(std::string(activation));
+    const ActivationSpec act = parse_activation(activation, activation_params);
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
     Tensor output = empty_like_placed(p.input, {p.input});
+    if (p.view.count() == 0) return output;
     Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean.contiguous(), invstd.contiguous(),
-                                         p.weight, p.bias, act, output);
+                                         p.weight, p.bias, act, Tensor(), output);
     return output;
   }
 
   static std::tuple<Tensor, Tensor> batch_norm_act_backward_reduce(
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
-      c10::string_view activation) {
+      c10::string_view activation, c10::ArrayRef<double> activation_params) {
     check_stats_op("batch_norm_act_backward_reduce", input, weight, bias, mean, invstd,
                    &grad_output);
-    const Activation act = parse_activation(std::string(activation));
+    const ActivationSpec act = parse_activation(activation, activation_params);
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
     Tensor sum_dy = channel_stat_like(input);
     Tensor sum_dy_xmu = channel_stat_like(input);
     if (p.view.count() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
-    Kernels::batch_norm_act_backward_reduce_kernel(grad_like_input(grad_output, p), p.input,
-                                                   p.view, mean.contiguous(), invstd.contiguous(),
+    Kernels::batch_norm_act_backward_reduce_kernel(like_prepared(grad_output, p), p.input, p.view,
+                                                   mean.contiguous(), invstd.contiguous(),
                                                    p.weight, p.bias, act, sum_dy, sum_dy_xmu);
     return {sum_dy, sum_dy_xmu};
   }
@@ -184,19 +244,20 @@ struct BatchNormOps {
   static Tensor batch_norm_act_backward_elemt(
       const Tensor& grad_output, const Tensor& input, const optional<Tensor>& weight,
       const optional<Tensor>& bias, const Tensor& mean, const Tensor& invstd,
-      const Tensor& mean_dy, const Tensor& mean_dy_xmu, c10::string_view activation) {
+      const Tensor& mean_dy, const Tensor& mean_dy_xmu, c10::string_view activation,
+      c10::ArrayRef<double> activation_params) {
     check_stats_op("batch_norm_act_backward_elemt", input, weight, bias, mean, invstd, &grad_output);
     check_channel_stat(input, mean_dy, "mean_dy");
     check_channel_stat(input, mean_dy_xmu, "mean_dy_xmu");
-    const Activation act = parse_activation(std::string(activation));
+    const ActivationSpec act = parse_activation(activation, activation_params);
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
-    const Tensor dy = grad_like_input(grad_output, p);
+    const Tensor dy = like_prepared(grad_output, p);
     Tensor grad_input = empty_like_placed(p.input, {p.input, dy});
+    if (p.view.count() == 0) return grad_input;
     Kernels::batch_norm_act_backward_elemt_kernel(
-        dy, p.input, p.view, mean.contiguous(), invstd.contiguous(),
-        p.weight, p.bias, mean_dy.contiguous(), mean_dy_xmu.contiguous(), /*training=*/true, act,
-        grad_input);
+        dy, p.input, p.view, mean.contiguous(), invstd.contiguous(), p.weight, p.bias,
+        mean_dy.contiguous(), mean_dy_xmu.contiguous(), /*training=*/true, act, grad_input);
     return grad_input;
   }
 };

@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "cpu/cpu_capability.h"
+#include "kernel_selection.h"
 
 #ifndef FUSED_BN_VERSION
 #define FUSED_BN_VERSION "unknown"
@@ -23,6 +24,7 @@ pybind11::dict build_info() {
   info["cuda"] = false;
 #endif
   info["cuda_archs"] = std::string(FUSED_BN_CUDA_ARCHS);
+  info["cuda_kernels"] = fused_bn::cuda_kernels_selection();
   pybind11::list compiled;
   for (const auto capability : fused_bn::cpu::compiled_cpu_capabilities())
     compiled.append(fused_bn::cpu::cpu_capability_name(capability));

@@ -1,7 +1,9 @@
-// update_running_stats_: one CompositeExplicitAutograd implementation in ATen
-// ops serves every device (it only touches O(C) tensors, and reads
-// num_batches_tracked without a host synchronization), with a direct loop for
-// dense CPU tensors. CUDA registers a one-kernel version (cuda/running_stats.cu).
+// The running-statistics update: a general path in ATen ops that serves every
+// device and fake tensors (it only touches O(C) tensors, and reads
+// num_batches_tracked without a host synchronization), and a direct loop for
+// dense CPU tensors. The update_running_stats_ op is registered here as
+// CompositeExplicitAutograd; CUDA registers a one-kernel version
+// (cuda/running_stats.cu).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/FunctionalTensorWrapper.h>
@@ -13,19 +15,37 @@
 
 namespace fused_bn {
 
-bool check_running_stats_args(const at::Tensor& running_mean, const at::Tensor& running_var,
-                              const c10::optional<at::Tensor>& num_batches_tracked,
-                              const at::Tensor& mean, const at::Tensor& invstd,
-                              c10::optional<double> momentum, int64_t count) {
-  TORCH_CHECK(count >= 0, "update_running_stats_: count must be >= 0, got ", count);
-  TORCH_CHECK(count != 1, "Expected more than 1 value per channel when training, got ", count);
-  TORCH_CHECK(running_mean.sym_numel() == mean.sym_numel() && running_var.sym_numel() == invstd.sym_numel(),
-              "update_running_stats_: running statistics of ", running_mean.sym_numel(),
-              " elements do not match batch statistics of ", mean.sym_numel(), " elements");
+namespace {
+
+void check_stat_tensor(int64_t channels, c10::Device device, const at::Tensor& t,
+                       const char* name) {
+  TORCH_CHECK(t.numel() == channels, name, " should contain ", channels, " elements not ",
+              t.numel());
+  TORCH_CHECK(t.device() == device,
+              "Expected all tensors to be on the same device, but found at least two devices, ",
+              device, " and ", t.device(), "!");
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name, " must be a floating point tensor, got ",
+              t.scalar_type());
+}
+
+}  // namespace
+
+bool check_running_stats(int64_t channels, c10::Device device, const at::Tensor& running_mean,
+                         const at::Tensor& running_var,
+                         const c10::optional<at::Tensor>& num_batches_tracked,
+                         c10::optional<double> momentum) {
+  check_stat_tensor(channels, device, running_mean, "running_mean");
+  check_stat_tensor(channels, device, running_var, "running_var");
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  if (tracked) {
+    TORCH_CHECK(num_batches_tracked->numel() == 1,
+                "num_batches_tracked should contain 1 element not ", num_batches_tracked->numel());
+    TORCH_CHECK(num_batches_tracked->device() == device,
+                "Expected all tensors to be on the same device, but found at least two devices, ",
+                device, " and ", num_batches_tracked->device(), "!");
+  }
   TORCH_CHECK(momentum.has_value() || tracked,
-              "update_running_stats_: momentum=None (cumulative average) needs "
-              "num_batches_tracked");
+              "momentum=None (cumulative average) needs num_batches_tracked");
   return tracked;
 }
 
@@ -91,25 +111,61 @@ bool update_with_momentum_on_cpu(at::Tensor& running_mean, at::Tensor& running_v
   return true;
 }
 
-void update_running_stats(at::Tensor& running_mean, at::Tensor& running_var,
-                          const c10::optional<at::Tensor>& num_batches_tracked,
-                          const at::Tensor& mean, const at::Tensor& invstd,
-                          c10::optional<double> momentum, double eps, int64_t count) {
-  const bool tracked = check_running_stats_args(running_mean, running_var, num_batches_tracked,
-                                                mean, invstd, momentum, count);
+}  // namespace
+
+void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
+                              const c10::optional<at::Tensor>& num_batches_tracked,
+                              const at::Tensor& mean, const at::Tensor& invstd,
+                              c10::optional<double> momentum, double eps, int64_t count) {
   if (momentum.has_value() && count > 0 &&
       update_with_momentum_on_cpu(running_mean, running_var, mean, invstd, *momentum, eps, count)) {
-    if (tracked) num_batches_tracked->add_(1);
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      num_batches_tracked->add_(1);
+    }
     return;
   }
   update_running_stats_general(running_mean, running_var, num_batches_tracked, mean, invstd,
                                momentum, eps, count);
 }
 
+void check_update_running_stats_op(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                   const c10::optional<at::Tensor>& num_batches_tracked,
+                                   const at::Tensor& mean, const at::Tensor& invstd,
+                                   c10::optional<double> momentum, int64_t count) {
+  TORCH_CHECK(count >= 0, "update_running_stats_: count must be >= 0, got ", count);
+  TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got ",
+                    count);
+  const int64_t channels = mean.numel();
+  check_running_stats(channels, mean.device(), running_mean, running_var, num_batches_tracked,
+                      momentum);
+  TORCH_CHECK(invstd.numel() == channels, "invstd should contain ", channels, " elements not ",
+              invstd.numel());
+  TORCH_CHECK(invstd.device() == mean.device(),
+              "Expected all tensors to be on the same device, but found at least two devices, ",
+              mean.device(), " and ", invstd.device(), "!");
+  TORCH_CHECK(at::isFloatingType(mean.scalar_type()) && invstd.scalar_type() == mean.scalar_type(),
+              "update_running_stats_: mean and invstd must share one floating dtype, got ",
+              mean.scalar_type(), " and ", invstd.scalar_type());
+}
+
+namespace {
+
+// The op for every device but CUDA (which registers its own), and for fake
+// tensors: every argument checked before anything is written.
+void update_running_stats_op(at::Tensor& running_mean, at::Tensor& running_var,
+                             const c10::optional<at::Tensor>& num_batches_tracked,
+                             const at::Tensor& mean, const at::Tensor& invstd,
+                             c10::optional<double> momentum, double eps, int64_t count) {
+  check_update_running_stats_op(running_mean, running_var, num_batches_tracked, mean, invstd,
+                                momentum, count);
+  update_running_stats_cpu(running_mean, running_var, num_batches_tracked, mean, invstd, momentum,
+                           eps, count);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fused_bn, CompositeExplicitAutograd, m) {
-  m.impl("update_running_stats_", &update_running_stats);
+  m.impl("update_running_stats_", &update_running_stats_op);
 }
 
 }  // namespace fused_bn

@@ -1,6 +1,6 @@
-"""fused_bn: fused BatchNorm(+ReLU) and Dropout for PyTorch, CPU and CUDA.
+"""fused_bn: fused BatchNorm(+activation, +residual add) and Dropout for PyTorch, CPU and CUDA.
 
-Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d, Dropout
+Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d, BatchNormAct1d/2d/3d, Dropout
 Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
 Whole models:     fused_bn.convert_model
@@ -9,12 +9,16 @@ Operators:        torch.ops.fused_bn.*
 
 from . import functional
 from ._ops import build_info
+from .activations import Activation
 from .convert import ConversionReport, convert_model
 from .dropout import Dropout
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
+    BatchNormAct1d,
+    BatchNormAct2d,
+    BatchNormAct3d,
     BatchNormReLU1d,
     BatchNormReLU2d,
     BatchNormReLU3d,
@@ -23,9 +27,13 @@ from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batch
 from .version import __version__
 
 __all__ = [
+    "Activation",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",

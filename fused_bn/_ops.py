@@ -11,9 +11,6 @@ from . import _C  # noqa: F401  (importing registers torch.ops.fused_bn.*)
 
 ops = torch.ops.fused_bn
 
-ACTIVATIONS = ("identity", "relu")
-
-
 def build_info():
     """How the extension was built: version, torch version, CUDA compiled or not, CUDA archs,
     the CPU instruction sets compiled (``cpu_capabilities``) and the one in use (``cpu_capability``,
@@ -54,17 +51,32 @@ def _channel_stat(input):
 
 
 @torch.library.register_fake("fused_bn::batch_norm_act")
-def _(input, weight, bias, running_mean, running_var, training, eps, activation):
+def _(
+    input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
+    activation="identity", activation_params=(), residual=None,
+):
     return _like_input(input), _channel_stat(input), _channel_stat(input)
 
 
 @torch.library.register_fake("fused_bn::batch_norm_act_backward")
-def _(grad_output, input, weight, bias, mean, invstd, training, activation):
+def _(
+    grad_output, input, weight, bias, mean, invstd, training, activation="identity",
+    activation_params=(), residual=None, output_mask=(True, True, True, True),
+):
     def param_grad(param):
         stat = _channel_stat(input)
-        return stat if param is None else stat.to(param.dtype)
+        return stat if param is None else stat.to(param.dtype).reshape(param.shape)
 
-    return _like_input(input), param_grad(weight), param_grad(bias)
+    def wanted(needed, make, like):
+        return make() if needed else like.new_empty((0,))
+
+    grad_input_mask, weight_mask, bias_mask, residual_mask = output_mask
+    return (
+        wanted(grad_input_mask, lambda: _like_input(input), input),
+        wanted(weight_mask, lambda: param_grad(weight), mean),
+        wanted(bias_mask, lambda: param_grad(bias), mean),
+        wanted(residual_mask and residual is not None, lambda: _like_input(input), input),
+    )
 
 
 @torch.library.register_fake("fused_bn::batch_norm_stats")
@@ -73,17 +85,20 @@ def _(input):
 
 
 @torch.library.register_fake("fused_bn::batch_norm_act_elemt")
-def _(input, weight, bias, mean, invstd, activation):
+def _(input, weight, bias, mean, invstd, activation="identity", activation_params=()):
     return _like_input(input)
 
 
 @torch.library.register_fake("fused_bn::batch_norm_act_backward_reduce")
-def _(grad_output, input, weight, bias, mean, invstd, activation):
+def _(grad_output, input, weight, bias, mean, invstd, activation="identity", activation_params=()):
     return _channel_stat(input), _channel_stat(input)
 
 
 @torch.library.register_fake("fused_bn::batch_norm_act_backward_elemt")
-def _(grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, activation):
+def _(
+    grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, activation="identity",
+    activation_params=(),
+):
     return _like_input(input)
 
 

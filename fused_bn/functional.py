@@ -1,58 +1,58 @@
 """Functional API, mirroring ``torch.nn.functional``.
 
-``batch_norm(..., activation="relu")`` equals ``F.relu(F.batch_norm(...))``
-but runs as one fused kernel per pass and keeps only the input and O(C)
+``batch_norm(..., activation="relu")`` equals ``F.relu(F.batch_norm(...))``,
+and with ``residual=r`` equals ``F.relu(F.batch_norm(...) + r)``, but runs as
+one fused kernel per pass and keeps only the input (and residual) and O(C)
 statistics for backward.
 """
-
-import math
 
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
-from ._ops import ACTIVATIONS, ops
+from ._ops import build_info, ops
+from .activations import Activation, activation_of
 
 __all__ = ["batch_norm", "batch_norm_relu", "dropout"]
 
-
-def _verify_batch_size(size):
-    # torch.nn.functional's check and message.
-    values_per_channel = size[0] * math.prod(size[2:])
-    if values_per_channel == 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {size}"
-        )
+# The CUDA kernels of the activations other than identity and ReLU, and of the
+# residual add, have not run on a GPU yet: without FUSED_BN_CUDA_KERNELS=next
+# such calls on CUDA compute with PyTorch's own ops (_composite_batch_norm).
+CUDA_KERNELS = build_info()["cuda_kernels"]
+_CUDA_VERIFIED_ACTIVATIONS = ("identity", "relu")
+_IDENTITY = Activation()
 
 
-def _check_devices(input, *per_channel):
-    # The kernels check this too; checking here also covers meta/fake tensors.
-    for t in per_channel:
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} and {t.device}!"
-            )
+def _has_tangent(tensors):
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
-def _under_transform(*tensors):
-    """Whether torch.func transforms (grad, vjp, jvp, vmap, ...) are active or a tensor carries
-    a forward-mode tangent: the fused op's autograd (C++) supports neither."""
+def _under_transform(tensors):
+    """Whether torch.func transforms (grad, vjp, jvp, vmap, ...) are active or a tensor
+    carries a forward-mode tangent: the fused op's autograd (C++) supports neither."""
     if torch.compiler.is_compiling():
         return False
     if torch._C._functorch.peek_interpreter_stack() is not None:
         return True
-    if forward_ad._current_level < 0:  # outside forward_ad.dual_level(): no tangents
-        return False
-    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    # Outside forward_ad.dual_level() there are no tangents.
+    return forward_ad._current_level >= 0 and _has_tangent(tensors)
+
+
+def _needs_composite(input, activation, residual, tensors):
+    """Whether to compute with PyTorch's ops instead of the fused op: under transforms
+    (see _under_transform), and for CUDA kernels not yet verified on a GPU (CUDA_KERNELS)."""
+    if input.is_cuda and CUDA_KERNELS != "next" and (
+        residual is not None or activation.name not in _CUDA_VERIFIED_ACTIVATIONS
+    ):
+        return True
+    return _under_transform(tensors)
 
 
 def _composite_batch_norm(
-    input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
+    input, running_mean, running_var, weight, bias, training, momentum, eps, activation, residual,
     num_batches_tracked,
 ):
-    """The same computation in torch's own ops, which every transform knows: used under
-    torch.func transforms and forward-mode AD."""
+    """The same computation in torch's own ops, which every transform knows."""
     tracked = training and num_batches_tracked is not None
     if tracked:
         # First, as torch's _BatchNorm: torch.func refuses this update of a
@@ -68,7 +68,9 @@ def _composite_batch_norm(
         if tracked:
             num_batches_tracked.sub_(1)  # a call that raises changes nothing
         raise
-    return F.relu(output) if activation == "relu" else output
+    if residual is not None:
+        output = output + residual
+    return activation.function(output)
 
 
 def _batch_norm(
@@ -80,33 +82,23 @@ def _batch_norm(
     training,
     momentum,
     eps,
-    activation,
+    activation=_IDENTITY,
+    residual=None,
     num_batches_tracked=None,
 ):
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    _check_devices(input, weight, bias, running_mean, running_var)
-    if training:
-        _verify_batch_size(input.size())
-    elif running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var are required when training=False")
-    if _under_transform(input, weight, bias):
+    """The fused op for an already resolved ``activation`` (an Activation); the op checks
+    everything else, and updates the running statistics in training."""
+    if _needs_composite(input, activation, residual,
+                        (input, weight, bias, residual, running_mean, running_var)):
         return _composite_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
-            num_batches_tracked,
+            residual, num_batches_tracked,
         )
-    # The functional op raises on bad input before anything is written; the
-    # running statistics are updated only after it has succeeded.
-    # The overloads themselves (.default): each call through the packet costs more host time.
-    output, mean, invstd = ops.batch_norm_act.default(
-        input, weight, bias, running_mean, running_var, training, eps, activation
-    )
-    if training and running_mean is not None and running_var is not None:
-        count = input.numel() // input.size(1) if input.size(1) else 0
-        ops.update_running_stats_.default(
-            running_mean, running_var, num_batches_tracked, mean, invstd, momentum, eps, count
-        )
-    return output
+    # The overload itself (.default): each call through the packet costs more host time.
+    return ops.batch_norm_act.default(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
+        eps, activation.name, activation.params, residual,
+    )[0]
 
 
 def batch_norm(
@@ -119,19 +111,28 @@ def batch_norm(
     momentum=0.1,
     eps=1e-5,
     activation="identity",
+    *,
+    residual=None,
+    **activation_params,
 ):
-    """``torch.nn.functional.batch_norm`` followed by ``activation`` ("identity" or "relu").
+    """``torch.nn.functional.batch_norm``, plus ``residual``, then ``activation``.
 
     In training, normalizes with the batch statistics and, when ``running_mean`` and
     ``running_var`` are given, updates them in place with ``momentum`` (the unbiased
     batch variance, as PyTorch). Otherwise normalizes with the running statistics.
+    ``residual`` (the input's shape and dtype) is added before the activation.
+    ``activation`` is a name (``"identity"``, ``"relu"``, ``"relu6"``, ``"hardtanh"``,
+    ``"leaky_relu"``, ``"silu"``, ``"hardswish"``, ``"elu"``) with its module's
+    parameters as keywords (``negative_slope=0.2``), an ``Activation``, or a PyTorch
+    activation module (``nn.LeakyReLU(0.2)``).
     Accepts (N, C), (N, C, L) and (N, C, *spatial) inputs in float64, float32, float16
     and bfloat16 (float32 statistics for the last two), contiguous or channels_last.
     """
     if momentum is None:
         raise ValueError("momentum=None (cumulative average) needs a module's num_batches_tracked")
     return _batch_norm(
-        input, running_mean, running_var, weight, bias, training, momentum, eps, activation
+        input, running_mean, running_var, weight, bias, training, momentum, eps,
+        activation_of(activation, **activation_params), residual,
     )
 
 

@@ -1,21 +1,29 @@
-"""Drop-in BatchNorm modules.
+"""Drop-in BatchNorm modules, with a fused activation and residual add.
 
 ``BatchNormXd`` replaces ``nn.BatchNormXd``; ``BatchNormReLUXd`` replaces
-``nn.Sequential(nn.BatchNormXd, nn.ReLU())``. They subclass
-``torch.nn.modules.batchnorm._BatchNorm``, so constructor arguments,
-parameters, buffers, ``state_dict`` keys, ``reset_parameters`` and ``.to()``
-are PyTorch's own.
+``nn.Sequential(nn.BatchNormXd, nn.ReLU())``; ``BatchNormActXd(..., activation=)``
+any BatchNorm followed by a supported activation (see fused_bn.activations).
+Every one takes an optional residual: ``module(x, residual)`` computes
+``act(bn(x) + residual)``, the tail of a ResNet block, in one pass.
+
+They subclass ``torch.nn.modules.batchnorm._BatchNorm``, so constructor
+arguments, parameters, buffers, ``state_dict`` keys, ``reset_parameters`` and
+``.to()`` are PyTorch's own.
 """
 
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .activations import activation_of
 from .functional import _batch_norm
 
 __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchNormAct1d",
+    "BatchNormAct2d",
+    "BatchNormAct3d",
     "BatchNormReLU1d",
     "BatchNormReLU2d",
     "BatchNormReLU3d",
@@ -23,15 +31,49 @@ __all__ = [
 
 
 class _BatchNormAct(_BatchNorm):
-    """_BatchNorm whose forward runs the fused op, followed by ``activation``."""
+    """_BatchNorm whose forward runs the fused op: ``activation(bn(input) [+ residual])``.
 
-    activation = "identity"
+    ``activation``: a name (``"relu"``, ``"relu6"``, ``"hardtanh"``, ``"leaky_relu"``,
+    ``"silu"``, ``"hardswish"``, ``"elu"``, ``"identity"``) with its module's parameters as
+    keywords (``negative_slope=0.2``), an ``Activation``, or a PyTorch activation module
+    instance (``nn.LeakyReLU(0.2)``), ``default_activation`` when not given. Subclasses
+    with a fixed activation (BatchNormXd, BatchNormReLUXd) take no such argument.
+    """
 
-    def forward(self, input):
+    default_activation = "relu"
+    takes_activation = True
+
+    def __init__(
+        self,
+        num_features,
+        eps=1e-5,
+        momentum=0.1,
+        affine=True,
+        track_running_stats=True,
+        device=None,
+        dtype=None,
+        *,
+        bias=True,
+        activation=None,
+        **activation_params,
+    ):
+        if not self.takes_activation and (activation is not None or activation_params):
+            raise TypeError(f"{type(self).__name__} takes no activation arguments")
+        # `bias` is passed on only when False, so that torch releases without
+        # the argument accept the default.
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype,
+            **({} if bias else {"bias": False}),
+        )
+        self.activation = activation_of(
+            self.default_activation if activation is None else activation, **activation_params
+        )
+
+    def forward(self, input, residual=None):
         self._check_input_dim(input)
-        # Same decisions as torch's _BatchNorm.forward; the difference is that
-        # num_batches_tracked and the running statistics are only written once
-        # the forward op has succeeded, so a call that raises changes nothing.
+        # Same decisions as torch's _BatchNorm.forward; the fused op updates
+        # num_batches_tracked and the running statistics itself, once every
+        # argument has been checked, so a call that raises changes nothing.
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
@@ -45,46 +87,70 @@ class _BatchNormAct(_BatchNorm):
             self.momentum,
             self.eps,
             self.activation,
-            num_batches_tracked=self.num_batches_tracked if track else None,
+            residual,
+            self.num_batches_tracked if track else None,
         )
 
     def extra_repr(self):
-        return super().extra_repr() + (
-            f", activation={self.activation}" if self.activation != "identity" else ""
-        )
+        if self.activation.name == "identity":
+            return super().extra_repr()
+        return super().extra_repr() + f", activation={self.activation}"
 
 
-class BatchNorm1d(_BatchNormAct):
-    """Drop-in for :class:`torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input."""
+class BatchNormAct1d(_BatchNormAct):
+    """``nn.BatchNorm1d`` followed by ``activation`` (default ReLU), fused; (N, C) or
+    (N, C, L) input."""
 
     _check_input_dim = nn.BatchNorm1d._check_input_dim
 
 
-class BatchNorm2d(_BatchNormAct):
-    """Drop-in for :class:`torch.nn.BatchNorm2d` on (N, C, H, W) input."""
+class BatchNormAct2d(_BatchNormAct):
+    """``nn.BatchNorm2d`` followed by ``activation`` (default ReLU), fused; (N, C, H, W) input."""
 
     _check_input_dim = nn.BatchNorm2d._check_input_dim
 
 
-class BatchNorm3d(_BatchNormAct):
-    """Drop-in for :class:`torch.nn.BatchNorm3d` on (N, C, D, H, W) input."""
+class BatchNormAct3d(_BatchNormAct):
+    """``nn.BatchNorm3d`` followed by ``activation`` (default ReLU), fused; (N, C, D, H, W)
+    input."""
 
     _check_input_dim = nn.BatchNorm3d._check_input_dim
 
 
-class BatchNormReLU1d(BatchNorm1d):
+class BatchNorm1d(BatchNormAct1d):
+    """Drop-in for :class:`torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input."""
+
+    default_activation = "identity"
+    takes_activation = False
+
+
+class BatchNorm2d(BatchNormAct2d):
+    """Drop-in for :class:`torch.nn.BatchNorm2d` on (N, C, H, W) input."""
+
+    default_activation = "identity"
+    takes_activation = False
+
+
+class BatchNorm3d(BatchNormAct3d):
+    """Drop-in for :class:`torch.nn.BatchNorm3d` on (N, C, D, H, W) input."""
+
+    default_activation = "identity"
+    takes_activation = False
+
+
+class BatchNormReLU1d(BatchNormAct1d):
     """``nn.Sequential(nn.BatchNorm1d(...), nn.ReLU())`` as one fused module."""
 
-    activation = "relu"
+    takes_activation = False
 
 
-class BatchNormReLU2d(BatchNorm2d):
+class BatchNormReLU2d(BatchNormAct2d):
     """``nn.Sequential(nn.BatchNorm2d(...), nn.ReLU())`` as one fused module."""
 
-    activation = "relu"
+    takes_activation = False
 
 
-class BatchNormReLU3d(BatchNorm3d):
+class BatchNormReLU3d(BatchNormAct3d):
     """``nn.Sequential(nn.BatchNorm3d(...), nn.ReLU())`` as one fused module."""
 
-    activation = "relu"
+    takes_activation = False

@@ -21,10 +21,19 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._ops import accumulate_dtype, ops
-from .functional import _check_devices, _under_transform
+from .functional import _under_transform
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "communicated_bytes", "convert_sync_batchnorm"]
+
+
+def _check_devices(input, *per_channel):
+    for t in per_channel:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                "Expected all tensors to be on the same device, but found at least two devices, "
+                f"{input.device} and {t.device}!"
+            )
 
 
 def _all_gather_flat(output, input, group):
@@ -103,7 +112,9 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
         mean = mean64.to(accumulate_dtype(input.dtype))
         invstd = invstd64.to(accumulate_dtype(input.dtype))
         # The output first: if it raises (bad weight/bias), nothing was written.
-        output = ops.batch_norm_act_elemt(input, weight, bias, mean, invstd, activation)
+        output = ops.batch_norm_act_elemt(
+            input, weight, bias, mean, invstd, activation.name, activation.params
+        )
         if running_mean is not None and running_var is not None:
             ops.update_running_stats_(
                 running_mean,
@@ -125,8 +136,9 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
     @once_differentiable  # second derivatives: a clear error, not silently missing terms
     def backward(ctx, grad_output):
         input, weight, bias, mean, invstd = ctx.saved_tensors
+        activation = ctx.activation
         sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
-            grad_output, input, weight, bias, mean, invstd, ctx.activation
+            grad_output, input, weight, bias, mean, invstd, activation.name, activation.params
         )
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
@@ -134,7 +146,8 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
             dist.all_reduce(global_sums, group=ctx.process_group)
             mean_dy, mean_dy_xmu = (global_sums / max(ctx.count, 1)).chunk(2)
             grad_input = ops.batch_norm_act_backward_elemt(
-                grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu, ctx.activation
+                grad_output, input, weight, bias, mean, invstd, mean_dy, mean_dy_xmu,
+                activation.name, activation.params,
             )
         # Local parameter gradients: DDP reduces them with the other parameters.
         if weight is not None and ctx.needs_input_grad[1]:
@@ -145,13 +158,16 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
 
 class SyncBatchNorm(_BatchNormAct):
-    """Drop-in for :class:`torch.nn.SyncBatchNorm` on (N, C, *) input, CPU or GPU.
+    """Drop-in for :class:`torch.nn.SyncBatchNorm` on (N, C, *) input, CPU or GPU, with an
+    optional fused ``activation`` (as in :class:`fused_bn.BatchNormAct2d`; default none).
 
     In training, normalizes with the statistics of the global batch: the
     concatenation of every rank's batch in ``process_group`` (default: the
     whole world). With no initialized process group, a group of one rank, or
     in eval mode, it runs the local fused op without communication.
     """
+
+    default_activation = "identity"
 
     def __init__(
         self,
@@ -165,9 +181,9 @@ class SyncBatchNorm(_BatchNormAct):
         dtype=None,
         *,
         bias=True,
+        activation=None,
+        **activation_params,
     ):
-        # `bias` is passed on only when False, so that torch releases without
-        # the argument accept the default.
         super().__init__(
             num_features,
             eps,
@@ -176,7 +192,9 @@ class SyncBatchNorm(_BatchNormAct):
             track_running_stats,
             device=device,
             dtype=dtype,
-            **({} if bias else {"bias": False}),
+            bias=bias,
+            activation=activation,
+            **activation_params,
         )
         self.process_group = process_group
 
@@ -190,18 +208,22 @@ class SyncBatchNorm(_BatchNormAct):
         group = self.process_group if self.process_group is not None else dist.group.WORLD
         return group if dist.get_world_size(group) > 1 else None
 
-    def forward(self, input):
+    def forward(self, input, residual=None):
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         group = self._sync_group()
         if group is None:
-            return super().forward(input)
+            return super().forward(input, residual)
+        if residual is not None:
+            raise NotImplementedError(
+                f"{type(self).__name__}: a synchronized training step takes no residual"
+            )
         track = self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
         # Checked before the collective: a bad call raises without entering it.
         _check_devices(input, self.weight, self.bias, running_mean, running_var)
-        if _under_transform(input, self.weight, self.bias):
+        if _under_transform((input, self.weight, self.bias, running_mean, running_var)):
             # Else the step would run (statistics updated) before autograd
             # found that the synchronized Function has no forward-mode formula.
             raise RuntimeError(
@@ -246,15 +268,15 @@ class SyncBatchNorm(_BatchNormAct):
 class SyncBatchNormReLU(SyncBatchNorm):
     """``nn.Sequential(nn.SyncBatchNorm(...), nn.ReLU())`` as one fused module."""
 
-    activation = "relu"
-
-
-# By the activation a fused_bn layer applies; torch's layers have none.
-_SYNC_CLASS = {"identity": SyncBatchNorm, "relu": SyncBatchNormReLU}
+    default_activation = "relu"
+    takes_activation = False
 
 
 def _synchronized_copy(module, process_group):
-    sync = _SYNC_CLASS[getattr(module, "activation", "identity")](
+    # fused_bn's layers keep their activation; torch's have none.
+    activation = getattr(module, "activation", None)
+    relu = activation is not None and activation.name == "relu"
+    sync = (SyncBatchNormReLU if relu else SyncBatchNorm)(
         module.num_features,
         module.eps,
         module.momentum,
@@ -262,6 +284,7 @@ def _synchronized_copy(module, process_group):
         module.track_running_stats,
         process_group,
         bias=module.bias is not None or not module.affine,
+        **({"activation": activation} if activation is not None and not relu else {}),
     )
     if module.affine:
         sync.weight = module.weight

@@ -29,9 +29,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
+#include "activation_vec.h"
 #include "batch_norm_kernel.h"
 #include "cpu_capability.h"
 #include "fused_bn/batch_norm_math.h"
@@ -104,6 +106,15 @@ struct VecIO {
       v.store(p, count);
     } else {
       at::vec::convert_from_float<scalar_t>(v, v).store(p, count);
+    }
+  }
+
+  // v rounded to scalar_t and back: a no-op where scalar_t is acc_t.
+  static Vec round(const Vec& v) {
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      return v;
+    } else {
+      return std::get<0>(at::vec::convert_to_float<scalar_t>(at::vec::convert_from_float<scalar_t>(v, v)));
     }
   }
 };
@@ -213,40 +224,64 @@ inline void prefetch_to_l2(const T* p) {
   __builtin_prefetch(p, /*rw=*/0, /*locality=*/2);
 }
 
-// The forward output before the activation and the ReLU mask in backward
-// both come from here (see the file comment).
-template <typename Vec>
-inline Vec pre_activation(const Vec& x, const Vec& scale, const Vec& shift) {
-  return at::vec::fmadd(x, scale, shift);
-}
+// Where the activation's input comes from besides x: the residual added
+// before it (act(bn(x) + residual)), and where backward writes the gradient
+// that reaches the residual. Both null without a residual.
+template <typename scalar_t>
+struct Residual {
+  const scalar_t* input = nullptr;
+  scalar_t* grad = nullptr;
 
-// activate() of activation.h: ReLU keeps NaN.
-template <Activation act, typename Vec>
-inline Vec activate_vec(const Vec& y) {
-  if constexpr (act == Activation::ReLU) return at::vec::clamp_min(y, Vec(0));
-  return y;
-}
-
-// g where activation_passes_grad(y), else 0.
-template <Activation act, typename Vec>
-inline Vec masked_grad(const Vec& y, const Vec& g) {
-  if constexpr (act == Activation::ReLU) {
-#ifdef CPU_CAPABILITY_AVX512
-    if constexpr (std::is_same_v<Vec, Vectorized<float>>) {
-      // A compare into a mask register and a zero-masking move; at::vec's
-      // compare and blend go through an all-ones vector and back. NaN > 0 is
-      // false in both (ordered compare).
-      return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_GT_OQ), g);
-    }
-#endif
-    return Vec::blendv(Vec(0), g, y > Vec(0));
+  Residual at(int64_t offset) const {
+    return {input ? input + offset : nullptr, grad ? grad + offset : nullptr};
   }
-  return g;
+};
+
+// The activation's input y = x * scale + shift (+ residual). The forward
+// output and the backward's activation derivative both come from here (see
+// the file comment). For half/bfloat16 input, y is what PyTorch's module pair
+// holds at that point: the BatchNorm output rounded to scalar_t, plus the
+// residual, rounded again, so that the derivative agrees with the output the
+// user saw. kRound = false skips the last rounding where the caller's
+// activation commutes with it (Identity and ReLU in forward).
+template <typename scalar_t, bool kRound = true>
+inline typename VecIO<scalar_t>::Vec pre_activation(const typename VecIO<scalar_t>::Vec& x,
+                                                    const typename VecIO<scalar_t>::Vec& scale,
+                                                    const typename VecIO<scalar_t>::Vec& shift,
+                                                    const scalar_t* residual, int64_t count) {
+  using IO = VecIO<scalar_t>;
+  auto y = at::vec::fmadd(x, scale, shift);
+  if (residual != nullptr) y = IO::round(y) + IO::load(residual, count);
+  return kRound ? IO::round(y) : y;
 }
 
-// ChannelGradInput::apply: g * a + x * b + c.
-template <typename Vec>
+// The forward output act(y); only the generic path needs y rounded first.
+template <typename scalar_t, ActivationPath kAct>
+inline typename VecIO<scalar_t>::Vec activated(const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                                               const typename VecIO<scalar_t>::Vec& x,
+                                               const typename VecIO<scalar_t>::Vec& scale,
+                                               const typename VecIO<scalar_t>::Vec& shift,
+                                               const scalar_t* residual, int64_t count) {
+  constexpr bool kRound = kAct == ActivationPath::kAny;
+  return act.template forward<kAct>(pre_activation<scalar_t, kRound>(x, scale, shift, residual, count));
+}
+
+// g = dy * act'(y): the gradient that reaches the BatchNorm output (and the
+// residual). Identity needs no y.
+template <typename scalar_t, ActivationPath kAct>
+inline typename VecIO<scalar_t>::Vec activation_input_grad(
+    const VecActivation<typename VecIO<scalar_t>::Vec>& act, const typename VecIO<scalar_t>::Vec& x,
+    const typename VecIO<scalar_t>::Vec& scale, const typename VecIO<scalar_t>::Vec& shift,
+    const scalar_t* residual, const typename VecIO<scalar_t>::Vec& dy, int64_t count) {
+  if constexpr (kAct == ActivationPath::kIdentity) return dy;
+  return act.template grad<kAct>(pre_activation<scalar_t>(x, scale, shift, residual, count), dy);
+}
+
+// ChannelGradInput::apply: g * a + x * b + c; in eval b = c = 0 and x is left
+// out, so that a NaN or infinite x does not turn a finite gradient into NaN.
+template <bool kTraining, typename Vec>
 inline Vec grad_input_vec(const Vec& g, const Vec& x, const Vec& a, const Vec& b, const Vec& c) {
+  if constexpr (!kTraining) return g * a;
   return at::vec::fmadd(g, a, at::vec::fmadd(x, b, c));
 }
 
@@ -308,8 +343,11 @@ inline BlockStats shifted_moments(double count, double inv_count, double shift, 
                                   double sum_d2) {
   BlockStats stats;
   stats.count = count;
-  stats.mean = shift + sum_d * inv_count;
-  stats.m2 = std::max(0., sum_d2 - sum_d * sum_d * inv_count);  // >= 0 up to rounding
+  // An infinite shift (an infinite value in the block) makes every d NaN: the
+  // mean is then the shift, sum / count, as PyTorch computes it.
+  stats.mean = std::isinf(shift) ? shift : shift + sum_d * inv_count;
+  const double m2 = sum_d2 - sum_d * sum_d * inv_count;
+  stats.m2 = m2 < 0 ? 0 : m2;  // >= 0 up to rounding; NaN and inf stay, as in PyTorch
   return stats;
 }
 
@@ -518,41 +556,50 @@ BlockStats block_stats(const scalar_t* x, const ChannelView& v, int64_t c, const
 }
 
 // lookahead != 0: also prefetches x[i + lookahead] (the next slab).
-template <typename scalar_t, Activation act>
+template <typename scalar_t, ActivationPath kAct>
 void normalize_span(const scalar_t* x, scalar_t* y, int64_t n,
-                    ChannelAffine<at::opmath_type<scalar_t>> affine, const OutputStore<scalar_t>& store,
+                    ChannelAffine<at::opmath_type<scalar_t>> affine,
+                    const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                    const Residual<scalar_t>& res, const OutputStore<scalar_t>& store,
                     int64_t lookahead) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift);
   for_each_vec<Vec::size()>(n, [&](int64_t i, int64_t count) {
     if (lookahead != 0) prefetch_to_l2(x + i + lookahead);
-    store(y + i, activate_vec<act>(pre_activation(IO::load(x + i, count), scale, shift)), count);
+    const scalar_t* r = res.input ? res.input + i : nullptr;
+    store(y + i, activated<scalar_t, kAct>(act, IO::load(x + i, count), scale, shift, r, count),
+          count);
   });
 }
 
-// Sums of g and g * (x - mean) over n elements, g = dy masked by the activation.
-template <typename scalar_t, Activation act>
+// Sums of g and g * (x - mean) over n elements, g = dy * act'(y).
+template <typename scalar_t, ActivationPath kAct>
 void add_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
                    ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean,
-                   VecSums<typename VecIO<scalar_t>::Vec, 2>& sums) {
+                   const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                   const Residual<scalar_t>& res, VecSums<typename VecIO<scalar_t>::Vec, 2>& sums) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift), mean_vec(mean);
   sums.add(n, [&](int64_t i, int64_t count) {
     const Vec xv = IO::load(x + i, count);
-    const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
+    const scalar_t* r = res.input ? res.input + i : nullptr;
+    const Vec g = activation_input_grad<scalar_t, kAct>(act, xv, scale, shift, r,
+                                                        IO::load(dy + i, count), count);
     return std::array<Vec, 2>{g, g * (xv - mean_vec)};
   });
 }
 
-template <typename scalar_t, Activation act>
+template <typename scalar_t, ActivationPath kAct>
 std::array<at::opmath_type<scalar_t>, 2> block_grad_sums(
     const scalar_t* dy, const scalar_t* x, const ChannelView& v, int64_t c, const Span& span,
-    ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean) {
+    ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean,
+    const VecActivation<typename VecIO<scalar_t>::Vec>& act, const Residual<scalar_t>& res) {
   VecSums<typename VecIO<scalar_t>::Vec, 2> sums;
   for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-    add_grad_sums<scalar_t, act>(dy + offset, x + offset, length, affine, mean, sums);
+    add_grad_sums<scalar_t, kAct>(dy + offset, x + offset, length, affine, mean, act,
+                                  res.at(offset), sums);
   });
   return sums.total();
 }
@@ -574,11 +621,14 @@ std::array<acc_t, 2> merge_blocks(const std::array<acc_t, 2>* part, int64_t bloc
   return sums;
 }
 
-template <typename scalar_t, Activation act>
+// grad_input (and, with a residual, its gradient g) over n elements.
+template <typename scalar_t, ActivationPath kAct, bool kTraining>
 void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t n,
                      ChannelAffine<at::opmath_type<scalar_t>> affine,
                      ChannelGradInput<at::opmath_type<scalar_t>> coef,
-                     const OutputStore<scalar_t>& store, int64_t lookahead) {
+                     const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                     const Residual<scalar_t>& res, const OutputStore<scalar_t>& store,
+                     int64_t lookahead) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift), a(coef.a), b(coef.b), c(coef.c);
@@ -586,10 +636,14 @@ void grad_input_span(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_
     if (lookahead != 0) {
       prefetch_to_l2(x + i + lookahead);
       prefetch_to_l2(dy + i + lookahead);
+      if (res.input) prefetch_to_l2(res.input + i + lookahead);
     }
     const Vec xv = IO::load(x + i, count);
-    const Vec g = masked_grad<act>(pre_activation(xv, scale, shift), IO::load(dy + i, count));
-    store(dx + i, grad_input_vec(g, xv, a, b, c), count);
+    const scalar_t* r = res.input ? res.input + i : nullptr;
+    const Vec g = activation_input_grad<scalar_t, kAct>(act, xv, scale, shift, r,
+                                                        IO::load(dy + i, count), count);
+    if (res.grad) store(res.grad + i, g, count);
+    if (dx) store(dx + i, grad_input_vec<kTraining>(g, xv, a, b, c), count);
   });
 }
 
@@ -777,28 +831,34 @@ void rows_stats(const scalar_t* x, const ChannelView& v, at::opmath_type<scalar_
   }
 }
 
-template <typename scalar_t, Activation act>
+template <typename scalar_t, ActivationPath kAct>
 void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
-                    const PaddedChannels<at::opmath_type<scalar_t>>& p) {
+                    const PaddedChannels<at::opmath_type<scalar_t>>& p,
+                    const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                    const Residual<scalar_t>& res) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  const OutputStore<scalar_t> store(v, 1, InputSource::kMemory);
+  const OutputStore<scalar_t> store(v, res.input ? 2 : 1, InputSource::kMemory);
   const auto* scale = p.scale.data();
   const auto* shift = p.shift.data();
+  const scalar_t* r = res.input;
   // Captures by value (see for_each_row_vec).
   parallel_over_row_vecs<Vec::size()>(v, [=](int64_t row, int64_t c, int64_t count) {
-    const Vec yv = pre_activation(IO::load(x + row + c, count), Vec::loadu(scale + c),
-                                  Vec::loadu(shift + c));
-    store(y + row + c, activate_vec<act>(yv), count);
+    store(y + row + c,
+          activated<scalar_t, kAct>(act, IO::load(x + row + c, count), Vec::loadu(scale + c),
+                                    Vec::loadu(shift + c), r ? r + row + c : nullptr, count),
+          count);
   });
 }
 
 // Per-channel sums of g and g * (x - mean) (written to C elements).
-template <typename scalar_t, Activation act>
+template <typename scalar_t, ActivationPath kAct>
 void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
                     const at::opmath_type<scalar_t>* mean,
                     const PaddedChannels<at::opmath_type<scalar_t>>& p,
-                    at::opmath_type<scalar_t>* sum_g, at::opmath_type<scalar_t>* sum_gx) {
+                    const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                    const Residual<scalar_t>& res, at::opmath_type<scalar_t>* sum_g,
+                    at::opmath_type<scalar_t>* sum_gx) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using acc_t = typename IO::acc_t;
@@ -818,8 +878,9 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
             v, chunks.begin(k), chunks.end(k, v), c0,
             [&](int64_t row, int j, int64_t c, int64_t count) {
               const Vec xv = IO::load(x + row + c, count);
-              const Vec g = masked_grad<act>(pre_activation(xv, scale[j], shift[j]),
-                                             IO::load(dy + row + c, count));
+              const Vec g = activation_input_grad<scalar_t, kAct>(
+                  act, xv, scale[j], shift[j], res.input ? res.input + row + c : nullptr,
+                  IO::load(dy + row + c, count), count);
               return std::array<Vec, 2>{g, g * (xv - mean_block[j])};
             });
         store_block<Vec>(part_g.data() + k * Cp, c0, Cp, [&](int j) { return sums[j][0]; });
@@ -838,22 +899,32 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
   });
 }
 
-template <typename scalar_t, Activation act>
+// grad_input (where dx is given) and the residual's gradient (where res.grad is).
+template <typename scalar_t, ActivationPath kAct, bool kTraining>
 void rows_grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
-                     const PaddedChannels<at::opmath_type<scalar_t>>& p) {
+                     const PaddedChannels<at::opmath_type<scalar_t>>& p,
+                     const VecActivation<typename VecIO<scalar_t>::Vec>& act,
+                     const Residual<scalar_t>& res) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
-  const OutputStore<scalar_t> store(v, 2, InputSource::kMemory);
+  const OutputStore<scalar_t> store(v, res.input ? 3 : 2, InputSource::kMemory);
   const auto *scale = p.scale.data(), *shift = p.shift.data();
   const auto *a = p.a.data(), *b = p.b.data(), *c_term = p.c.data();
+  const scalar_t* r = res.input;
+  scalar_t* dr = res.grad;
   // Captures by value (see for_each_row_vec).
   parallel_over_row_vecs<Vec::size()>(v, [=](int64_t row, int64_t c, int64_t count) {
     const Vec xv = IO::load(x + row + c, count);
-    const Vec yv = pre_activation(xv, Vec::loadu(scale + c), Vec::loadu(shift + c));
-    const Vec g = masked_grad<act>(yv, IO::load(dy + row + c, count));
-    store(dx + row + c,
-          grad_input_vec(g, xv, Vec::loadu(a + c), Vec::loadu(b + c), Vec::loadu(c_term + c)),
-          count);
+    const Vec g = activation_input_grad<scalar_t, kAct>(
+        act, xv, Vec::loadu(scale + c), Vec::loadu(shift + c), r ? r + row + c : nullptr,
+        IO::load(dy + row + c, count), count);
+    if (dr) store(dr + row + c, g, count);
+    if (dx) {
+      store(dx + row + c,
+            grad_input_vec<kTraining>(g, xv, Vec::loadu(a + c), Vec::loadu(b + c),
+                                      Vec::loadu(c_term + c)),
+            count);
+    }
   });
 }
 
@@ -914,61 +985,83 @@ PaddedChannels<acc_t> padded_grad_input(const ChannelParams<acc_t>& p, const Cha
   return out;
 }
 
+// f(integral_constant<ActivationPath, ...>) for the instantiation that serves `kind`.
 template <typename F>
-void dispatch_activation(Activation act, const F& f) {
-  if (act == Activation::ReLU) {
-    f(std::integral_constant<Activation, Activation::ReLU>{});
-  } else {
-    f(std::integral_constant<Activation, Activation::Identity>{});
+void dispatch_activation(Activation kind, const F& f) {
+  switch (activation_path(kind)) {
+    case ActivationPath::kIdentity:
+      return f(std::integral_constant<ActivationPath, ActivationPath::kIdentity>{});
+    case ActivationPath::kReLU:
+      return f(std::integral_constant<ActivationPath, ActivationPath::kReLU>{});
+    case ActivationPath::kAny:
+      return f(std::integral_constant<ActivationPath, ActivationPath::kAny>{});
   }
+}
+
+// f(bool_constant<training>).
+template <typename F>
+void dispatch_training(bool training, const F& f) {
+  if (training) return f(std::true_type{});
+  return f(std::false_type{});
 }
 
 #define FUSED_BN_DISPATCH(TYPE, NAME, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, NAME, __VA_ARGS__)
 
-// The per-channel sums of g and g * (x - mean), then, unless dx is null,
-// grad_input (per channel while its slab is in cache where the layout allows).
-template <typename scalar_t, Activation act>
-void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const ChannelView& v,
-              const ChannelParams<at::opmath_type<scalar_t>>& p, bool training,
-              at::opmath_type<scalar_t>* sum_g, at::opmath_type<scalar_t>* sum_gx) {
+// The per-channel sums of g and g * (x - mean), then grad_input where dx is
+// given and the residual's gradient where res.grad is (per channel while its
+// slab is in cache where the layout allows).
+template <typename scalar_t, ActivationPath kAct>
+void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Residual<scalar_t>& res,
+              const ChannelView& v, const ChannelParams<at::opmath_type<scalar_t>>& p,
+              bool training, const ActivationSpec& spec, at::opmath_type<scalar_t>* sum_g,
+              at::opmath_type<scalar_t>* sum_gx) {
   using acc_t = at::opmath_type<scalar_t>;
+  const VecActivation<typename VecIO<scalar_t>::Vec> act(spec);
   const acc_t count = static_cast<acc_t>(v.count());
   const auto affine = channel_affines(p, v.channels);
+  const bool writes = dx != nullptr || res.grad != nullptr;
+  // The tensors of x's size the elementwise pass reads: x, dy and the residual.
+  const int64_t reads = res.input ? 3 : 2;
   if (v.inner == 1) {
     const int64_t W = VecIO<scalar_t>::kWidth;
     const auto padded = padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W);
-    rows_grad_sums<scalar_t, act>(dy, x, v, p.mean, padded, sum_g, sum_gx);
-    if (dx != nullptr) {
-      rows_grad_input<scalar_t, act>(dy, x, dx, v,
-                                     padded_grad_input(p, v, training, sum_g, sum_gx, count, W));
-    }
+    rows_grad_sums<scalar_t, kAct>(dy, x, v, p.mean, padded, act, res, sum_g, sum_gx);
+    if (!writes) return;
+    const auto coef = padded_grad_input(p, v, training, sum_g, sum_gx, count, W);
+    dispatch_training(training, [&](auto training_c) {
+      rows_grad_input<scalar_t, kAct, decltype(training_c)::value>(dy, x, dx, v, coef, act, res);
+    });
     return;
   }
   const ChannelBlocks blocks(v);
   std::vector<ChannelGradInput<acc_t>> coef(v.channels);
-  // The elementwise pass re-reads x and dy.
-  const int64_t slab_bytes = dx == nullptr ? 0 : 2 * v.count() * int64_t(sizeof(scalar_t));
+  const int64_t slab_bytes = writes ? reads * v.count() * int64_t(sizeof(scalar_t)) : 0;
   const SlabSchedule schedule = slab_schedule(v, blocks, slab_bytes);
-  const OutputStore<scalar_t> store(v, 2, input_source(schedule));
-  reduce_then_apply_per_channel<std::array<acc_t, 2>>(
-      v, blocks, schedule,
-      [&](int64_t c, const Span& span) {
-        return block_grad_sums<scalar_t, act>(dy, x, v, c, span, affine[c], p.mean[c]);
-      },
-      [&](int64_t c, const std::array<acc_t, 2>* part) {
-        const auto sums = merge_blocks(part, blocks.count);
-        sum_g[c] = sums[0];
-        sum_gx[c] = sums[1];
-        coef[c] = p.grad_input(c, training, sums[0], sums[1], count);
-      },
-      [&](int64_t c, const Span& span, int64_t lookahead) {
-        if (dx == nullptr) return;
-        for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-          grad_input_span<scalar_t, act>(dy + offset, x + offset, dx + offset, length, affine[c],
-                                         coef[c], store, lookahead);
+  const OutputStore<scalar_t> store(v, reads, input_source(schedule));
+  dispatch_training(training, [&](auto training_c) {
+    constexpr bool kTraining = decltype(training_c)::value;
+    reduce_then_apply_per_channel<std::array<acc_t, 2>>(
+        v, blocks, schedule,
+        [&](int64_t c, const Span& span) {
+          return block_grad_sums<scalar_t, kAct>(dy, x, v, c, span, affine[c], p.mean[c], act,
+                                                 res);
+        },
+        [&](int64_t c, const std::array<acc_t, 2>* part) {
+          const auto sums = merge_blocks(part, blocks.count);
+          sum_g[c] = sums[0];
+          sum_gx[c] = sums[1];
+          coef[c] = p.grad_input(c, kTraining, sums[0], sums[1], count);
+        },
+        [&](int64_t c, const Span& span, int64_t lookahead) {
+          if (!writes) return;
+          for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+            grad_input_span<scalar_t, kAct, kTraining>(
+                dy + offset, x + offset, dx ? dx + offset : nullptr, length, affine[c], coef[c],
+                act, res.at(offset), store, lookahead);
+          });
         });
-      });
+  });
 }
 
 // ---- the kernels ------------------------------------------------------------
@@ -994,13 +1087,25 @@ void stats_kernel(const at::Tensor& input, const ChannelView& v, at::Tensor& mea
   });
 }
 
+template <typename scalar_t>
+Residual<scalar_t> residual_of(const at::Tensor& residual, at::Tensor* grad_residual = nullptr) {
+  Residual<scalar_t> res;
+  if (residual.defined()) res.input = residual.const_data_ptr<scalar_t>();
+  if (grad_residual != nullptr && grad_residual->defined())
+    res.grad = grad_residual->mutable_data_ptr<scalar_t>();
+  return res;
+}
+
 void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::Tensor& weight,
-                      const at::Tensor& bias, double eps, Activation act, at::Tensor& output,
-                      at::Tensor& mean, at::Tensor& invstd) {
+                      const at::Tensor& bias, double eps, const ActivationSpec& spec,
+                      const at::Tensor& residual, at::Tensor& output, at::Tensor& mean,
+                      at::Tensor& invstd) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_forward_train_cpu", [&] {
-    dispatch_activation(act, [&](auto act_c) {
-      constexpr Activation kAct = decltype(act_c)::value;
+    dispatch_activation(spec.kind, [&](auto act_c) {
+      constexpr ActivationPath kAct = decltype(act_c)::value;
       using acc_t = at::opmath_type<scalar_t>;
+      const VecActivation<typename VecIO<scalar_t>::Vec> act(spec);
+      const Residual<scalar_t> res = residual_of<scalar_t>(residual);
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       scalar_t* y = output.mutable_data_ptr<scalar_t>();
       acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
@@ -1014,13 +1119,15 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
         const auto affine = channel_affines(p, v.channels);
         const int64_t W = VecIO<scalar_t>::kWidth;
         return rows_normalize<scalar_t, kAct>(
-            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
+            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W), act,
+            res);
       }
       const ChannelBlocks blocks(v);
       std::vector<ChannelAffine<acc_t>> affine(v.channels);
-      const int64_t slab_bytes = v.count() * int64_t(sizeof(scalar_t));  // x, re-read
+      const int64_t reads = res.input ? 2 : 1;  // x (re-read) and the residual
+      const int64_t slab_bytes = reads * v.count() * int64_t(sizeof(scalar_t));
       const SlabSchedule schedule = slab_schedule(v, blocks, slab_bytes);
-      const OutputStore<scalar_t> store(v, 1, input_source(schedule));
+      const OutputStore<scalar_t> store(v, reads, input_source(schedule));
       reduce_then_apply_per_channel<BlockStats>(
           v, blocks, schedule, [&](int64_t c, const Span& span) { return block_stats(x, v, c, span); },
           [&](int64_t c, const BlockStats* part) {
@@ -1031,8 +1138,8 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
           },
           [&](int64_t c, const Span& span, int64_t lookahead) {
             for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c], store,
-                                             lookahead);
+              normalize_span<scalar_t, kAct>(x + offset, y + offset, length, affine[c], act,
+                                             res.at(offset), store, lookahead);
             });
           });
     });
@@ -1041,22 +1148,26 @@ void act_train_kernel(const at::Tensor& input, const ChannelView& v, const at::T
 
 void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::Tensor& mean,
                       const at::Tensor& invstd, const at::Tensor& weight, const at::Tensor& bias,
-                      Activation act, at::Tensor& output) {
+                      const ActivationSpec& spec, const at::Tensor& residual, at::Tensor& output) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_elemt_cpu", [&] {
-    dispatch_activation(act, [&](auto act_c) {
-      constexpr Activation kAct = decltype(act_c)::value;
+    dispatch_activation(spec.kind, [&](auto act_c) {
+      constexpr ActivationPath kAct = decltype(act_c)::value;
       using acc_t = at::opmath_type<scalar_t>;
+      const VecActivation<typename VecIO<scalar_t>::Vec> act(spec);
+      const Residual<scalar_t> res = residual_of<scalar_t>(residual);
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       scalar_t* y = output.mutable_data_ptr<scalar_t>();
       const auto affine = channel_affines(channel_params<acc_t>(mean, invstd, weight, bias), v.channels);
       if (v.inner == 1) {
         const int64_t W = VecIO<scalar_t>::kWidth;
         return rows_normalize<scalar_t, kAct>(
-            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W));
+            x, y, v, padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W), act,
+            res);
       }
-      const OutputStore<scalar_t> store(v, 1, InputSource::kMemory);
+      const OutputStore<scalar_t> store(v, res.input ? 2 : 1, InputSource::kMemory);
       for_each_plane(v, [&](int64_t c, int64_t offset) {
-        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], store, 0);
+        normalize_span<scalar_t, kAct>(x + offset, y + offset, v.inner, affine[c], act,
+                                       res.at(offset), store, 0);
       });
     });
   });
@@ -1065,14 +1176,14 @@ void act_elemt_kernel(const at::Tensor& input, const ChannelView& v, const at::T
 void act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                 const ChannelView& v, const at::Tensor& mean,
                                 const at::Tensor& invstd, const at::Tensor& weight,
-                                const at::Tensor& bias, Activation act, at::Tensor& sum_dy,
-                                at::Tensor& sum_dy_xmu) {
+                                const at::Tensor& bias, const ActivationSpec& spec,
+                                at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_reduce_cpu", [&] {
-    dispatch_activation(act, [&](auto act_c) {
+    dispatch_activation(spec.kind, [&](auto act_c) {
       using acc_t = at::opmath_type<scalar_t>;
       backward<scalar_t, decltype(act_c)::value>(
-          grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), nullptr, v,
-          channel_params<acc_t>(mean, invstd, weight, bias), /*training=*/true,
+          grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(), nullptr, {},
+          v, channel_params<acc_t>(mean, invstd, weight, bias), /*training=*/true, spec,
           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
     });
   });
@@ -1082,12 +1193,13 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
                                const ChannelView& v, const at::Tensor& mean,
                                const at::Tensor& invstd, const at::Tensor& weight,
                                const at::Tensor& bias, const at::Tensor& mean_dy,
-                               const at::Tensor& mean_dy_xmu, bool training, Activation act,
-                               at::Tensor& grad_input) {
+                               const at::Tensor& mean_dy_xmu, bool training,
+                               const ActivationSpec& spec, at::Tensor& grad_input) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_elemt_cpu", [&] {
-    dispatch_activation(act, [&](auto act_c) {
-      constexpr Activation kAct = decltype(act_c)::value;
+    dispatch_activation(spec.kind, [&](auto act_c) {
+      constexpr ActivationPath kAct = decltype(act_c)::value;
       using acc_t = at::opmath_type<scalar_t>;
+      const VecActivation<typename VecIO<scalar_t>::Vec> act(spec);
       const scalar_t* x = input.const_data_ptr<scalar_t>();
       const scalar_t* dy = grad_output.const_data_ptr<scalar_t>();
       scalar_t* dx = grad_input.mutable_data_ptr<scalar_t>();
@@ -1097,12 +1209,17 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
           p, v, training, training ? mean_dy.const_data_ptr<acc_t>() : nullptr,
           training ? mean_dy_xmu.const_data_ptr<acc_t>() : nullptr, acc_t(1),
           VecIO<scalar_t>::kWidth);
-      if (v.inner == 1) return rows_grad_input<scalar_t, kAct>(dy, x, dx, v, coef);
-      const OutputStore<scalar_t> store(v, 2, InputSource::kMemory);
-      for_each_plane(v, [&](int64_t c, int64_t offset) {
-        grad_input_span<scalar_t, kAct>(dy + offset, x + offset, dx + offset, v.inner,
-                                        {coef.scale[c], coef.shift[c]},
-                                        {coef.a[c], coef.b[c], coef.c[c]}, store, 0);
+      dispatch_training(training, [&](auto training_c) {
+        constexpr bool kTraining = decltype(training_c)::value;
+        if (v.inner == 1) {
+          return rows_grad_input<scalar_t, kAct, kTraining>(dy, x, dx, v, coef, act, {});
+        }
+        const OutputStore<scalar_t> store(v, 2, InputSource::kMemory);
+        for_each_plane(v, [&](int64_t c, int64_t offset) {
+          grad_input_span<scalar_t, kAct, kTraining>(
+              dy + offset, x + offset, dx + offset, v.inner, {coef.scale[c], coef.shift[c]},
+              {coef.a[c], coef.b[c], coef.c[c]}, act, {}, store, 0);
+        });
       });
     });
   });
@@ -1111,15 +1228,17 @@ void act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& 
 void act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                          const ChannelView& v, const at::Tensor& mean, const at::Tensor& invstd,
                          const at::Tensor& weight, const at::Tensor& bias, bool training,
-                         Activation act, at::Tensor& grad_input, at::Tensor& sum_dy,
+                         const ActivationSpec& spec, const at::Tensor& residual,
+                         at::Tensor& grad_input, at::Tensor& grad_residual, at::Tensor& sum_dy,
                          at::Tensor& sum_dy_xmu) {
   FUSED_BN_DISPATCH(input.scalar_type(), "fused_bn_backward_cpu", [&] {
-    dispatch_activation(act, [&](auto act_c) {
+    dispatch_activation(spec.kind, [&](auto act_c) {
       using acc_t = at::opmath_type<scalar_t>;
       backward<scalar_t, decltype(act_c)::value>(
           grad_output.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-          grad_input.mutable_data_ptr<scalar_t>(), v,
-          channel_params<acc_t>(mean, invstd, weight, bias), training,
+          grad_input.defined() ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+          residual_of<scalar_t>(residual, &grad_residual), v,
+          channel_params<acc_t>(mean, invstd, weight, bias), training, spec,
           sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
     });
   });

@@ -35,42 +35,49 @@ ChannelView make_channel_view(const at::Tensor& input, at::Tensor& contiguous_in
 void batch_norm_stats_kernel(const at::Tensor& input, const ChannelView& view, at::Tensor& mean,
                              at::Tensor& m2);
 
-// Training forward: batch statistics, then output = act(x * scale + shift).
+// A `residual`, where defined, has the input's shape, dtype and layout (the
+// same canonical view) and is added before the activation:
+// output = act(x * scale + shift + residual).
+
+// Training forward: batch statistics, then output = act(x * scale + shift (+ residual)).
 void batch_norm_act_train_kernel(const at::Tensor& input, const ChannelView& view,
                                  const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 Activation act, at::Tensor& output, at::Tensor& mean,
-                                 at::Tensor& invstd);
+                                 const ActivationSpec& act, const at::Tensor& residual,
+                                 at::Tensor& output, at::Tensor& mean, at::Tensor& invstd);
 
-// output = act((x - mean) * invstd * weight + bias).
+// output = act((x - mean) * invstd * weight + bias (+ residual)).
 void batch_norm_act_elemt_kernel(const at::Tensor& input, const ChannelView& view,
                                  const at::Tensor& mean, const at::Tensor& invstd,
-                                 const at::Tensor& weight, const at::Tensor& bias, Activation act,
+                                 const at::Tensor& weight, const at::Tensor& bias,
+                                 const ActivationSpec& act, const at::Tensor& residual,
                                  at::Tensor& output);
 
-// Per-channel sums of g and g * (x - mean), g = grad_output masked by act'.
+// Per-channel sums of g and g * (x - mean), g = grad_output * act'(y).
 void batch_norm_act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                            const ChannelView& view, const at::Tensor& mean,
                                            const at::Tensor& invstd, const at::Tensor& weight,
-                                           const at::Tensor& bias, Activation act,
+                                           const at::Tensor& bias, const ActivationSpec& act,
                                            at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
 
 // grad_input = g * a + x * b + c (see batch_norm_math.h). With training =
-// false, mean_dy/mean_dy_xmu are ignored (eval-mode gradient).
+// false, mean_dy/mean_dy_xmu are ignored (eval-mode gradient: g * a).
 void batch_norm_act_backward_elemt_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                           const ChannelView& view, const at::Tensor& mean,
                                           const at::Tensor& invstd, const at::Tensor& weight,
                                           const at::Tensor& bias, const at::Tensor& mean_dy,
                                           const at::Tensor& mean_dy_xmu, bool training,
-                                          Activation act, at::Tensor& grad_input);
+                                          const ActivationSpec& act, at::Tensor& grad_input);
 
-// Fused backward: the sums, then grad_input, per channel while its slab is in
-// cache where the layout allows.
+// Fused backward: the sums, then grad_input where it is defined and the
+// residual's gradient g where grad_residual is, per channel while its slab
+// is in cache where the layout allows.
 void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                     const ChannelView& view, const at::Tensor& mean,
                                     const at::Tensor& invstd, const at::Tensor& weight,
-                                    const at::Tensor& bias, bool training, Activation act,
-                                    at::Tensor& grad_input, at::Tensor& sum_dy,
-                                    at::Tensor& sum_dy_xmu);
+                                    const at::Tensor& bias, bool training,
+                                    const ActivationSpec& act, const at::Tensor& residual,
+                                    at::Tensor& grad_input, at::Tensor& grad_residual,
+                                    at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
 
 // One instruction set's copy of the kernels above.
 struct BatchNormKernels {

@@ -60,22 +60,23 @@ void batch_norm_stats_kernel(const at::Tensor& input, const ChannelView& view, a
 
 void batch_norm_act_train_kernel(const at::Tensor& input, const ChannelView& view,
                                  const at::Tensor& weight, const at::Tensor& bias, double eps,
-                                 Activation act, at::Tensor& output, at::Tensor& mean,
-                                 at::Tensor& invstd) {
-  kernels().act_train(input, view, weight, bias, eps, act, output, mean, invstd);
+                                 const ActivationSpec& act, const at::Tensor& residual,
+                                 at::Tensor& output, at::Tensor& mean, at::Tensor& invstd) {
+  kernels().act_train(input, view, weight, bias, eps, act, residual, output, mean, invstd);
 }
 
 void batch_norm_act_elemt_kernel(const at::Tensor& input, const ChannelView& view,
                                  const at::Tensor& mean, const at::Tensor& invstd,
-                                 const at::Tensor& weight, const at::Tensor& bias, Activation act,
+                                 const at::Tensor& weight, const at::Tensor& bias,
+                                 const ActivationSpec& act, const at::Tensor& residual,
                                  at::Tensor& output) {
-  kernels().act_elemt(input, view, mean, invstd, weight, bias, act, output);
+  kernels().act_elemt(input, view, mean, invstd, weight, bias, act, residual, output);
 }
 
 void batch_norm_act_backward_reduce_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                            const ChannelView& view, const at::Tensor& mean,
                                            const at::Tensor& invstd, const at::Tensor& weight,
-                                           const at::Tensor& bias, Activation act,
+                                           const at::Tensor& bias, const ActivationSpec& act,
                                            at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   kernels().act_backward_reduce(grad_output, input, view, mean, invstd, weight, bias, act, sum_dy,
                                 sum_dy_xmu);
@@ -86,7 +87,7 @@ void batch_norm_act_backward_elemt_kernel(const at::Tensor& grad_output, const a
                                           const at::Tensor& invstd, const at::Tensor& weight,
                                           const at::Tensor& bias, const at::Tensor& mean_dy,
                                           const at::Tensor& mean_dy_xmu, bool training,
-                                          Activation act, at::Tensor& grad_input) {
+                                          const ActivationSpec& act, at::Tensor& grad_input) {
   kernels().act_backward_elemt(grad_output, input, view, mean, invstd, weight, bias, mean_dy,
                                mean_dy_xmu, training, act, grad_input);
 }
@@ -94,11 +95,12 @@ void batch_norm_act_backward_elemt_kernel(const at::Tensor& grad_output, const a
 void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Tensor& input,
                                     const ChannelView& view, const at::Tensor& mean,
                                     const at::Tensor& invstd, const at::Tensor& weight,
-                                    const at::Tensor& bias, bool training, Activation act,
-                                    at::Tensor& grad_input, at::Tensor& sum_dy,
-                                    at::Tensor& sum_dy_xmu) {
+                                    const at::Tensor& bias, bool training,
+                                    const ActivationSpec& act, const at::Tensor& residual,
+                                    at::Tensor& grad_input, at::Tensor& grad_residual,
+                                    at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   kernels().act_backward(grad_output, input, view, mean, invstd, weight, bias, training, act,
-                         grad_input, sum_dy, sum_dy_xmu);
+                         residual, grad_input, grad_residual, sum_dy, sum_dy_xmu);
 }
 
 }  // namespace fused_bn::cpu

@@ -19,7 +19,9 @@
 #include <type_traits>
 
 #include "../batch_norm_ops.h"
+#include "../running_stats.h"
 #include "batch_norm_kernels.cuh"
+#include "../kernel_selection.h"
 
 namespace fused_bn::cuda {
 namespace {
@@ -166,7 +168,7 @@ void dispatch_apply(const ChannelView& v, std::initializer_list<const void*> poi
   const int64_t numel = v.count() * v.channels;
   if (numel == 0) return;
   bool wide = (rows_layout ? v.channels : v.inner) % kWide == 0;
-  for (const void* p : pointers) wide = wide && aligned_16(p);
+  for (const void* p : pointers) wide = wide && (p == nullptr || aligned_16(p));
   auto with_layout = [&](auto vec_tag) {
     constexpr int kVec = decltype(vec_tag)::value;
     const int64_t num_vectors = numel / kVec;
@@ -195,38 +197,53 @@ void dispatch_apply(const ChannelView& v, std::initializer_list<const void*> poi
   }
 }
 
+template <typename T>
+const T* cdata_or_null(const Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mdata_or_null(Tensor& t) {
+  return t.defined() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
 template <typename scalar_t, typename acc_t>
-void forward_apply(const Tensor& input, const ChannelView& v, const Tensor& affine,
-                   Activation act, Tensor& output) {
+void forward_apply(const Tensor& input, const Tensor& residual, const ChannelView& v,
+                   const Tensor& affine, const ActivationSpec& act, Tensor& output) {
   const scalar_t* x = cdata<scalar_t>(input);
+  const scalar_t* r = cdata_or_null<scalar_t>(residual);
   scalar_t* y = mdata<scalar_t>(output);
   const auto* coef = reinterpret_cast<const ChannelAffine<acc_t>*>(affine.const_data_ptr());
-  dispatch_apply<scalar_t>(v, {x, y}, [&](auto vec_tag, auto channel_of, auto num_vectors,
-                                          unsigned grid) {
+  dispatch_apply<scalar_t>(v, {x, r, y}, [&](auto vec_tag, auto channel_of, auto num_vectors,
+                                             unsigned grid) {
     constexpr int kVec = decltype(vec_tag)::value;
     using Of = decltype(channel_of);
     forward_apply_kernel<scalar_t, acc_t, kVec, Of::kRowsLayout>
-        <<<grid, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(x, y, coef, channel_of,
+        <<<grid, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(x, r, y, coef, channel_of,
                                                                        act, num_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
 template <typename scalar_t, typename acc_t>
-void backward_apply(const Tensor& grad_output, const Tensor& input, const ChannelView& v,
-                    const Tensor& coefficients, Activation act, Tensor& grad_input) {
+void backward_apply(const Tensor& grad_output, const Tensor& input, const Tensor& residual,
+                    const ChannelView& v, const Tensor& coefficients, const ActivationSpec& act,
+                    bool training, Tensor& grad_input, Tensor& grad_residual) {
   const scalar_t* dy = cdata<scalar_t>(grad_output);
   const scalar_t* x = cdata<scalar_t>(input);
-  scalar_t* dx = mdata<scalar_t>(grad_input);
+  const scalar_t* r = cdata_or_null<scalar_t>(residual);
+  scalar_t* dx = mdata_or_null<scalar_t>(grad_input);
+  scalar_t* dr = mdata_or_null<scalar_t>(grad_residual);
+  if (dx == nullptr && dr == nullptr) return;
   const auto* coef =
       reinterpret_cast<const BackwardCoefficients<acc_t>*>(coefficients.const_data_ptr());
-  dispatch_apply<scalar_t>(v, {dy, x, dx}, [&](auto vec_tag, auto channel_of, auto num_vectors,
-                                               unsigned grid) {
+  dispatch_apply<scalar_t>(v, {dy, x, r, dx, dr}, [&](auto vec_tag, auto channel_of,
+                                                      auto num_vectors, unsigned grid) {
     constexpr int kVec = decltype(vec_tag)::value;
     using Of = decltype(channel_of);
     backward_apply_kernel<scalar_t, acc_t, kVec, Of::kRowsLayout>
         <<<grid, kBlockThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-            dy, x, dx, coef, channel_of, act, num_vectors);
+            dy, x, r, dx, dr, coef, channel_of, act, training, num_vectors);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -247,8 +264,22 @@ Tensor fold_forward(const Tensor& mean, const Tensor& invstd, const Tensor& weig
 
 // ---- the kernels of BatchNormOps (signatures of cpu/batch_norm_kernel.h) --------
 
+// The activations other than identity and ReLU, and the residual add, are
+// compiled but have not run on a GPU: they need FUSED_BN_CUDA_KERNELS=next
+// (fused_bn's modules compute such calls with PyTorch's ops meanwhile).
+void check_verified(const ActivationSpec& act, const Tensor& residual) {
+  const bool verified = (act.kind == Activation::Identity || act.kind == Activation::ReLU) &&
+                        !residual.defined();
+  TORCH_CHECK(verified || cuda_next_kernels(),
+              "fused_bn: on CUDA, activations other than identity and relu and the residual add "
+              "have not been verified on a GPU yet; set FUSED_BN_CUDA_KERNELS=next to use their "
+              "kernels (fused_bn's modules and functional API compute these calls with "
+              "PyTorch's ops)");
+}
+
 struct CudaKernels {
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
+  static constexpr auto update_running_stats = &update_running_stats_cuda;
 
   static void batch_norm_stats_kernel(const Tensor& input, const ChannelView& v, Tensor& mean,
                                       Tensor& m2) {
@@ -265,8 +296,9 @@ struct CudaKernels {
 
   static void batch_norm_act_train_kernel(const Tensor& input, const ChannelView& v,
                                           const Tensor& weight, const Tensor& bias, double eps,
-                                          Activation act, Tensor& output, Tensor& mean,
-                                          Tensor& invstd) {
+                                          const ActivationSpec& act, const Tensor& residual,
+                                          Tensor& output, Tensor& mean, Tensor& invstd) {
+    check_verified(act, residual);
     FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_forward_train_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       int splits = 0;
@@ -277,19 +309,21 @@ struct CudaKernels {
                             {mdata<acc_t>(mean), nullptr, mdata<acc_t>(invstd),
                              scratch_data<ChannelAffine<acc_t>>(affine), cdata<acc_t>(weight),
                              cdata<acc_t>(bias), eps});
-      forward_apply<scalar_t, acc_t>(input, v, affine, act, output);
+      forward_apply<scalar_t, acc_t>(input, residual, v, affine, act, output);
     });
   }
 
   static void batch_norm_act_elemt_kernel(const Tensor& input, const ChannelView& v,
                                           const Tensor& mean, const Tensor& invstd,
                                           const Tensor& weight, const Tensor& bias,
-                                          Activation act, Tensor& output) {
+                                          const ActivationSpec& act, const Tensor& residual,
+                                          Tensor& output) {
+    check_verified(act, residual);
     if (v.count() * v.channels == 0) return;
     FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_elemt_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const Tensor affine = fold_forward<acc_t>(mean, invstd, weight, bias);
-      forward_apply<scalar_t, acc_t>(input, v, affine, act, output);
+      forward_apply<scalar_t, acc_t>(input, residual, v, affine, act, output);
     });
   }
 
@@ -297,16 +331,18 @@ struct CudaKernels {
                                                     const Tensor& input, const ChannelView& v,
                                                     const Tensor& mean, const Tensor& invstd,
                                                     const Tensor& weight, const Tensor& bias,
-                                                    Activation act, Tensor& sum_dy,
+                                                    const ActivationSpec& act, Tensor& sum_dy,
                                                     Tensor& sum_dy_xmu) {
-    grad_sums(grad_output, input, v, mean, invstd, weight, bias, /*training=*/true, act, sum_dy,
-              sum_dy_xmu, nullptr);
+    Tensor none;
+    grad_sums(grad_output, input, Tensor(), v, mean, invstd, weight, bias, /*training=*/true, act,
+              sum_dy, sum_dy_xmu, none, none);
   }
 
   static void batch_norm_act_backward_elemt_kernel(
       const Tensor& grad_output, const Tensor& input, const ChannelView& v, const Tensor& mean,
       const Tensor& invstd, const Tensor& weight, const Tensor& bias, const Tensor& mean_dy,
-      const Tensor& mean_dy_xmu, bool training, Activation act, Tensor& grad_input) {
+      const Tensor& mean_dy_xmu, bool training, const ActivationSpec& act, Tensor& grad_input) {
+    check_verified(act, Tensor());
     const int64_t C = v.channels;
     if (v.count() * C == 0) return;
     FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_backward_elemt_cuda", [&] {
@@ -318,42 +354,51 @@ struct CudaKernels {
               cdata<acc_t>(mean_dy), cdata<acc_t>(mean_dy_xmu), training, C,
               scratch_data<BackwardCoefficients<acc_t>>(coefficients));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      backward_apply<scalar_t, acc_t>(grad_output, input, v, coefficients, act, grad_input);
+      Tensor none;
+      backward_apply<scalar_t, acc_t>(grad_output, input, Tensor(), v, coefficients, act,
+                                      training, grad_input, none);
     });
   }
 
   static void batch_norm_act_backward_kernel(const Tensor& grad_output, const Tensor& input,
                                              const ChannelView& v, const Tensor& mean,
                                              const Tensor& invstd, const Tensor& weight,
-                                             const Tensor& bias, bool training, Activation act,
-                                             Tensor& grad_input, Tensor& sum_dy,
-                                             Tensor& sum_dy_xmu) {
-    grad_sums(grad_output, input, v, mean, invstd, weight, bias, training, act, sum_dy,
-              sum_dy_xmu, &grad_input);
+                                             const Tensor& bias, bool training,
+                                             const ActivationSpec& act, const Tensor& residual,
+                                             Tensor& grad_input, Tensor& grad_residual,
+                                             Tensor& sum_dy, Tensor& sum_dy_xmu) {
+    grad_sums(grad_output, input, residual, v, mean, invstd, weight, bias, training, act, sum_dy,
+              sum_dy_xmu, grad_input, grad_residual);
   }
 
-  // Per-channel gradient sums; with `grad_input`, grad_input from them too.
-  static void grad_sums(const Tensor& dy, const Tensor& input, const ChannelView& v,
-                        const Tensor& mean, const Tensor& invstd, const Tensor& weight,
-                        const Tensor& bias, bool training, Activation act, Tensor& sum_dy,
-                        Tensor& sum_dy_xmu, Tensor* grad_input) {
+  // Per-channel gradient sums; then grad_input and grad_residual where defined.
+  static void grad_sums(const Tensor& dy, const Tensor& input, const Tensor& residual,
+                        const ChannelView& v, const Tensor& mean, const Tensor& invstd,
+                        const Tensor& weight, const Tensor& bias, bool training,
+                        const ActivationSpec& act, Tensor& sum_dy, Tensor& sum_dy_xmu,
+                        Tensor& grad_input, Tensor& grad_residual) {
+    check_verified(act, residual);
+    const bool writes = grad_input.defined() || grad_residual.defined();
     FUSED_BN_DISPATCH_CUDA(input.scalar_type(), "fused_bn_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const GradSumsAccumulator<scalar_t, acc_t> acc{
-          cdata<scalar_t>(dy),   cdata<scalar_t>(input), cdata<acc_t>(mean),
-          cdata<acc_t>(invstd),  cdata<acc_t>(weight),   cdata<acc_t>(bias), act};
+          cdata<scalar_t>(dy),  cdata<scalar_t>(input), cdata_or_null<scalar_t>(residual),
+          cdata<acc_t>(mean),   cdata<acc_t>(invstd),   cdata<acc_t>(weight),
+          cdata<acc_t>(bias),   act};
       int splits = 0;
       const Tensor partials = reduce_partials(acc, v, input, splits);
       Tensor coefficients;
-      if (grad_input) coefficients = scratch<BackwardCoefficients<acc_t>>(v.channels, input);
+      if (writes) coefficients = scratch<BackwardCoefficients<acc_t>>(v.channels, input);
       finalize_grad<acc_t>(
           partials, splits, v.channels,
           {mdata<acc_t>(sum_dy), mdata<acc_t>(sum_dy_xmu),
-           grad_input ? scratch_data<BackwardCoefficients<acc_t>>(coefficients) : nullptr,
+           writes ? scratch_data<BackwardCoefficients<acc_t>>(coefficients) : nullptr,
            cdata<acc_t>(mean), cdata<acc_t>(invstd), cdata<acc_t>(weight), cdata<acc_t>(bias),
            static_cast<acc_t>(v.count()), training});
-      if (grad_input)
-        backward_apply<scalar_t, acc_t>(dy, input, v, coefficients, act, *grad_input);
+      if (writes) {
+        backward_apply<scalar_t, acc_t>(dy, input, residual, v, coefficients, act, training,
+                                        grad_input, grad_residual);
+      }
     });
   }
 };

@@ -72,21 +72,36 @@ struct StatsAccumulator {
   }
 };
 
+// The activation's input y at element i: the BatchNorm output (plus the
+// residual) as PyTorch's module pair holds it, i.e. rounded to scalar_t (a
+// no-op for float and double), as the CPU kernels compute it.
+template <typename scalar_t, typename acc_t, typename index_t>
+__device__ __forceinline__ acc_t pre_activation(const ChannelAffine<acc_t>& affine, acc_t x,
+                                                const scalar_t* __restrict__ residual,
+                                                index_t i) {
+  acc_t y = affine.apply(x);
+  if (residual != nullptr) {
+    y = static_cast<acc_t>(static_cast<scalar_t>(y)) + static_cast<acc_t>(residual[i]);
+  }
+  return static_cast<acc_t>(static_cast<scalar_t>(y));
+}
+
 template <typename scalar_t, typename acc_t>
 struct GradSumsAccumulator {
   using State = GradSums<acc_t>;
   struct Channel {
-    ChannelAffine<acc_t> affine;  // recomputes the pre-activation for the mask
+    ChannelAffine<acc_t> affine;  // recomputes the activation's input
     acc_t mean;
   };
 
   const scalar_t* __restrict__ dy;
   const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ residual;  // or nullptr
   const acc_t* __restrict__ mean;
   const acc_t* __restrict__ invstd;
   const acc_t* __restrict__ weight;
   const acc_t* __restrict__ bias;
-  Activation act;
+  ActivationSpec act;
 
   __device__ __forceinline__ Channel channel(int64_t c) const {
     return {ChannelAffine<acc_t>::fold(mean[c], invstd[c], weight[c], bias[c]), mean[c]};
@@ -95,8 +110,8 @@ struct GradSumsAccumulator {
   template <typename index_t>
   __device__ __forceinline__ void add(State& s, const Channel& ch, index_t i) const {
     const acc_t xv = static_cast<acc_t>(x[i]);
-    if (!activation_passes_grad(act, ch.affine.apply(xv))) return;
-    const acc_t g = static_cast<acc_t>(dy[i]);
+    const acc_t g = activation_grad(act, pre_activation(ch.affine, xv, residual, i),
+                                    static_cast<acc_t>(dy[i]));
     s.g += g;
     s.gx += g * (xv - ch.mean);
   }
@@ -313,9 +328,9 @@ struct ChannelOf {
 
 template <typename scalar_t, typename acc_t, int kVec, bool kRows, typename index_t>
 __global__ void __launch_bounds__(kBlockThreads)
-    forward_apply_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                         const ChannelAffine<acc_t>* __restrict__ affine,
-                         ChannelOf<index_t, kRows> channel_of, Activation act,
+    forward_apply_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ residual,
+                         scalar_t* __restrict__ y, const ChannelAffine<acc_t>* __restrict__ affine,
+                         ChannelOf<index_t, kRows> channel_of, ActivationSpec act,
                          index_t num_vectors) {
   using V = Vec<scalar_t, kVec>;
   const index_t stride = index_t(gridDim.x) * kBlockThreads;
@@ -327,18 +342,21 @@ __global__ void __launch_bounds__(kBlockThreads)
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const ChannelAffine<acc_t> a = affine[channel_of.lane(c, k)];
-      out.v[k] = static_cast<scalar_t>(activate(act, a.apply(static_cast<acc_t>(in.v[k]))));
+      const acc_t pre = pre_activation(a, static_cast<acc_t>(in.v[k]), residual, v * kVec + k);
+      out.v[k] = static_cast<scalar_t>(activate(act, pre));
     }
     reinterpret_cast<V*>(y)[v] = out;
   }
 }
 
+// grad_input where dx is given, the residual's gradient g where dr is.
 template <typename scalar_t, typename acc_t, int kVec, bool kRows, typename index_t>
 __global__ void __launch_bounds__(kBlockThreads)
     backward_apply_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                          scalar_t* __restrict__ dx,
+                          const scalar_t* __restrict__ residual, scalar_t* __restrict__ dx,
+                          scalar_t* __restrict__ dr,
                           const BackwardCoefficients<acc_t>* __restrict__ coefficients,
-                          ChannelOf<index_t, kRows> channel_of, Activation act,
+                          ChannelOf<index_t, kRows> channel_of, ActivationSpec act, bool training,
                           index_t num_vectors) {
   using V = Vec<scalar_t, kVec>;
   const index_t stride = index_t(gridDim.x) * kBlockThreads;
@@ -347,17 +365,19 @@ __global__ void __launch_bounds__(kBlockThreads)
     const V x_in = reinterpret_cast<const V*>(x)[v];
     const V dy_in = reinterpret_cast<const V*>(dy)[v];
     const index_t c = channel_of.first(v * kVec);
-    V out;
+    V dx_out, dr_out;
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       const BackwardCoefficients<acc_t> coef = coefficients[channel_of.lane(c, k)];
       const acc_t xv = static_cast<acc_t>(x_in.v[k]);
-      const acc_t g =
-          activation_passes_grad(act, coef.affine.apply(xv)) ? static_cast<acc_t>(dy_in.v[k])
-                                                             : acc_t(0);
-      out.v[k] = static_cast<scalar_t>(coef.grad.apply(g, xv));
+      const acc_t g = activation_grad(act, pre_activation(coef.affine, xv, residual, v * kVec + k),
+                                      static_cast<acc_t>(dy_in.v[k]));
+      dr_out.v[k] = static_cast<scalar_t>(g);
+      // In eval x is left out (b = c = 0): a NaN x must not spoil a finite gradient.
+      dx_out.v[k] = static_cast<scalar_t>(training ? coef.grad.apply(g, xv) : g * coef.grad.a);
     }
-    reinterpret_cast<V*>(dx)[v] = out;
+    if (dx != nullptr) reinterpret_cast<V*>(dx)[v] = dx_out;
+    if (dr != nullptr) reinterpret_cast<V*>(dr)[v] = dr_out;
   }
 }
 

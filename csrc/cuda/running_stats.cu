@@ -15,7 +15,8 @@
 #include "../running_stats.h"
 #include "fused_bn/running_stats.h"
 
-namespace fused_bn::cuda {
+namespace fused_bn {
+namespace cuda {
 namespace {
 
 using at::Tensor;
@@ -63,13 +64,16 @@ bool kernel_handles(const Tensor& running_mean, const Tensor& running_var,
          (num_batches_tracked == nullptr || num_batches_tracked->scalar_type() == at::kLong);
 }
 
-void update_running_stats(Tensor& running_mean, Tensor& running_var,
-                          const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
-                          const Tensor& invstd, c10::optional<double> momentum, double eps,
-                          int64_t count) {
-  const bool tracked = check_running_stats_args(running_mean, running_var, num_batches_tracked,
-                                                mean, invstd, momentum, count);
-  const Tensor* batches = tracked ? &*num_batches_tracked : nullptr;
+}  // namespace
+}  // namespace cuda
+
+void update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
+                               const c10::optional<at::Tensor>& num_batches_tracked,
+                               const at::Tensor& mean, const at::Tensor& invstd, c10::optional<double> momentum, double eps,
+                               int64_t count) {
+  using namespace cuda;
+  const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
+  const at::Tensor* batches = tracked ? &*num_batches_tracked : nullptr;
   if (!kernel_handles(running_mean, running_var, batches, mean, invstd)) {
     update_running_stats_general(running_mean, running_var, num_batches_tracked, mean, invstd,
                                  momentum, eps, count);
@@ -95,8 +99,22 @@ void update_running_stats(Tensor& running_mean, Tensor& running_var,
   });
 }
 
+namespace cuda {
+namespace {
+
+void update_running_stats_op(Tensor& running_mean, Tensor& running_var,
+                             const c10::optional<Tensor>& num_batches_tracked, const Tensor& mean,
+                             const Tensor& invstd, c10::optional<double> momentum, double eps,
+                             int64_t count) {
+  check_update_running_stats_op(running_mean, running_var, num_batches_tracked, mean, invstd,
+                                momentum, count);
+  update_running_stats_cuda(running_mean, running_var, num_batches_tracked, mean, invstd,
+                            momentum, eps, count);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) { m.impl("update_running_stats_", &update_running_stats); }
+TORCH_LIBRARY_IMPL(fused_bn, CUDA, m) { m.impl("update_running_stats_", &update_running_stats_op); }
 
-}  // namespace fused_bn::cuda
+}  // namespace cuda
+}  // namespace fused_bn

@@ -8,15 +8,19 @@
 namespace fused_bn {
 
 // Chan's merge of a block of statistics (other_count, other_mean, other_m2)
-// into (count, mean, m2), both counts > 0. T may also be a SIMD vector of
-// channels that share the counts (the CPU channels-last path).
+// into (count, mean, m2), both counts > 0.
 template <typename T, typename count_t>
 FUSED_BN_HOST_DEVICE void chan_merge(T& mean, T& m2, count_t count, count_t other_count,
                                      const T& other_mean, const T& other_m2) {
   const T other_share(other_count / (count + other_count));
   const T delta = other_mean - mean;
-  mean = mean + delta * other_share;
   m2 = m2 + (other_m2 + delta * delta * T(count) * other_share);
+  // An infinite mean (an infinite value in a block) makes delta infinite and
+  // the update below inf - inf; the weighted average gives PyTorch's mean
+  // (sum / count): inf, or NaN for inf - inf.
+  const bool finite_delta = delta - delta == T(0);
+  mean = finite_delta ? mean + delta * other_share
+                      : (mean * T(count) + other_mean * T(other_count)) / T(count + other_count);
 }
 
 template <typename acc_t>
@@ -40,17 +44,6 @@ struct Welford {
     }
     chan_merge(mean, m2, count, other.count, other.mean, other.m2);
     count += other.count;
-  }
-
-  // Merges a block summarized by its exact sum and centered M2 (a cheap
-  // two-pass result over a cache-resident chunk).
-  FUSED_BN_HOST_DEVICE void merge_block(acc_t block_count, acc_t block_mean,
-                                        acc_t block_m2) {
-    Welford block;
-    block.count = block_count;
-    block.mean = block_mean;
-    block.m2 = block_m2;
-    merge(block);
   }
 
   FUSED_BN_HOST_DEVICE acc_t biased_var() const {
