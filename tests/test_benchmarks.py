@@ -6,6 +6,7 @@ consistent with each other.
 
 import glob
 import json
+import math
 import time
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from benchmarks import __main__ as cli
-from benchmarks import compiled, modes, overhead, report, shapes, suite, timing
+from benchmarks import compiled, models, modes, overhead, report, shapes, suite, timing
 from benchmarks.zoo import import_torchvision
 
 QUICK_ARGS = ["--quick", "--device", "cpu"]
@@ -388,3 +389,50 @@ def test_overhead_rows_cover_every_module_and_mode():
                                    "speedup_vs_eager": s} for s in (0.5, 2.0)])
     assert summary[0]["slower"] == 1
     assert summary[0]["speedup_vs_eager"]["geomean"] == pytest.approx(1.0)
+
+
+# ---- whole models --------------------------------------------------------------------
+
+
+def test_saved_for_backward_bytes_leaves_out_parameters():
+    model = nn.Sequential(nn.Linear(16, 4))  # keeps its input (and its weight, a parameter)
+    x = torch.randn(8, 16)
+    target = torch.randint(4, (8,))
+    saved = models.saved_for_backward_bytes(model, x, target)
+    logits_and_more = saved - x.numel() * x.element_size()
+    assert 0 <= logits_and_more < x.numel() * x.element_size()
+
+
+def test_peak_step_bytes_sees_a_temporary():
+    def step():
+        torch.ones(1 << 20).add_(1)  # 4 MiB, freed at once
+
+    step()
+    assert models.peak_step_bytes(step, "cpu") >= 4 << 20
+
+
+def test_models_table_on_the_mlp(monkeypatch):
+    # A later variant is one registry entry.
+    variant = models.Variant("eager-copy", "the eager model again", lambda m: (m, "copy"))
+    monkeypatch.setitem(models.VARIANTS, variant.name, variant)
+    args = models.parse_args(["--models", "mlp", "--batch", "16", "--min-run-time", "0.05",
+                              "--rounds", "3", "--variants", "eager", "fused", "compile",
+                              "eager-copy"])
+    rows = models.run_model("mlp", args)
+    by_variant = {row["variant"]: row for row in rows}
+    assert list(by_variant) == ["eager", "fused", "compile", "eager-copy"]
+    for name, row in by_variant.items():
+        assert row["step_ms"] > 0 and row["input"] == [16, 64], name
+        assert row["saved_MB"] > 0 and row["peak_MB"] > 0
+        assert ("speedup_vs_eager" in row) == (name != "eager")
+    assert "2 BN converted, 2 with ReLU" in by_variant["fused"]["note"]
+    assert by_variant["compile"]["note"].startswith("compiled in")
+    # BatchNorm+ReLU keeps one tensor where PyTorch's pair keeps two
+    assert by_variant["fused"]["saved_MB"] < by_variant["eager"]["saved_MB"]
+    text = models.render(rows, timing.Load(2, 2, others=0.0), args, markdown=False)
+    assert "eager-copy" in text and not math.isnan(by_variant["fused"]["speedup_vs_eager"])
+
+
+def test_models_need_the_eager_baseline():
+    with pytest.raises(SystemExit):
+        models.parse_args(["--variants", "fused"])
