@@ -171,7 +171,8 @@ def shape_set_totals(rows):
         fused = sum(row["layers"] * row["fused_ms"] for row in group)
         eager = sum(row["layers"] * row["eager_ms"] for row in group)
         lines.append(
-            f"{name} ({shape_set.model}, batch {shape_set.batch}, {shape_set.size} px), {dtype} "
-            f"{layout} {device}: BatchNorm forward+backward of {layers} of its {total_layers} "
-            f"layers per step: fused {fused:.1f} ms, eager {eager:.1f} ms ({eager / fused:.2f}x)")
+            f"{name} (torchvision {shape_set.model}, batch {shape_set.batch}, {shape_set.size} "
+            f"px), {dtype} {layout} {device}: BatchNorm forward+backward of {layers} of its "
+            f"{total_layers} layers per step: fused {fused:.1f} ms, eager {eager:.1f} ms "
+            f"({eager / fused:.2f}x)")
     return lines

@@ -72,8 +72,8 @@ def available_ops():
 class Grid:
     """Rows: every op x shape x dtype x layout (channels_last only for 4D/5D shapes).
 
-    A shape is a tuple of sizes or the name of a shape set; a set's shapes get
-    only the LAYER_OPS rows that stand for some of its layers.
+    A shape is a tuple of sizes, the name of a shape set or a SetShape; a set's
+    shapes get only the LAYER_OPS rows that stand for some of its layers.
     """
 
     ops: tuple
@@ -91,19 +91,32 @@ FULL = (Grid(ALL_OPS, FULL_SHAPES, ("float32", "bfloat16")),)
 QUICK = (Grid(ALL_OPS, ((4, 16, 8, 8), (64, 32), (4, 8, 50))),)
 
 
-def _resnet50(*chw):
-    return next(s.shape for s in SHAPE_SETS["resnet50"].layers if s.shape[1:] == chw)
+@dataclasses.dataclass(frozen=True)
+class SetShape:
+    """One shape of a named set, as a Grid shape: its rows are those of the set."""
+
+    shape_set: str
+    shape: tuple
 
 
-# The default run (about 3 minutes with both malloc modes on 2 cores): every op on
-# one large and one (N, C) shape, the bfloat16 BatchNorm+ReLU steps, and the
-# forward+backward of a few resnet50 layers (batch 16, 112 px) from small planes
-# with many channels to a large plane.
+def _layer(shape_set, *chw):
+    """A shape of a named set, by (C, H, W)."""
+    return SetShape(shape_set, next(
+        s.shape for s in SHAPE_SETS[shape_set].layers if s.shape[1:] == chw))
+
+
+# The default run (2-3 minutes with both malloc modes on 2 cores): every op on one
+# large and one (N, C) shape, the bfloat16 BatchNorm+ReLU steps, and the
+# forward+backward of real layers at batch 16 and 112 px: resnet50's from a large
+# plane to small planes with many channels (its most frequent shape, [16,256,7,7],
+# among them) and two of mobilenet_v2's.
 DEFAULT = (
     Grid(ALL_OPS, ((32, 64, 56, 56), (256, 1024))),
     Grid(("bn_relu_fwd_train", "bn_relu_fwd_bwd"), ((32, 64, 56, 56),), ("bfloat16",)),
-    Grid(LAYER_OPS, (_resnet50(256, 28, 28), _resnet50(128, 14, 14), _resnet50(1024, 7, 7),
-                     _resnet50(2048, 4, 4))),
+    Grid(LAYER_OPS, tuple(_layer("resnet50", *chw) for chw in (
+        (64, 28, 28), (256, 28, 28), (128, 14, 14), (256, 7, 7), (1024, 7, 7), (2048, 4, 4)))),
+    Grid(LAYER_OPS, tuple(_layer("mobilenet_v2", *chw) for chw in ((144, 28, 28),
+                                                                   (384, 7, 7)))),
 )
 
 
@@ -121,14 +134,19 @@ class Case:
         return f"{self.op.name} {list(self.shape)} {self.dtype} {self.layout} {self.device}"
 
 
+def _set_counts(name):
+    return {op: layer_counts(SHAPE_SETS[name], op) for op in LAYER_OPS}
+
+
 def _shape_entries(shapes):
-    """(shape, set name, {op: {shape: layers}}) for plain shapes and named sets."""
+    """(shape, set name, {op: {shape: layers}}) for plain shapes, named sets and SetShapes."""
     for shape in shapes:
         if isinstance(shape, str):
-            shape_set = SHAPE_SETS[shape]
-            counts = {op: layer_counts(shape_set, op) for op in LAYER_OPS}
-            for layer in shape_set.layers:
+            counts = _set_counts(shape)
+            for layer in SHAPE_SETS[shape].layers:
                 yield layer.shape, shape, counts
+        elif isinstance(shape, SetShape):
+            yield shape.shape, shape.shape_set, _set_counts(shape.shape_set)
         else:
             yield tuple(shape), "", None
 
