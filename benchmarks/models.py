@@ -202,7 +202,9 @@ def run_model(name, args):
                                                    args.size)
     traced = compiled.snapshot()
     steps = {variant: step for variant, (step, _, _) in prepared.items()}
-    times = timing.interleaved_times(steps, args.device, args.min_run_time, args.rounds)
+    # prepare_variants made each variant's first step; sizing the blocks makes a second
+    times = timing.interleaved_times(steps, args.device, args.min_run_time, args.rounds,
+                                     warm_up=False)
     try:
         compiled.check_unchanged(traced)
     except compiled.CompileFellBack as error:

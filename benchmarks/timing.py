@@ -48,16 +48,17 @@ def _time_block(fn, calls, device):
             gc.enable()
 
 
-def interleaved_times(fns, device, min_run_time, rounds):
+def interleaved_times(fns, device, min_run_time, rounds, warm_up=True):
     """{name: [seconds per call in each round]} of the callables in `fns`.
 
-    After one warm-up call each, every callable gets a block of calls lasting
-    about min_run_time / rounds in each round; the order within a round
-    rotates so that no implementation always follows the same one.
+    After one warm-up call each (unless the caller made it), every callable
+    gets a block of calls lasting about min_run_time / rounds in each round
+    (sized by one more call); the order within a round rotates so that no
+    implementation always follows the same one.
     """
     names = list(fns)
-    for fn in fns.values():
-        fn()  # warm-up: allocations, first-call dispatch, compilation
+    for fn in fns.values() if warm_up else ():
+        fn()  # allocations, first-call dispatch, compilation
     per_round = min_run_time / rounds
     calls = {name: max(1, round(per_round / _time_block(fns[name], 1, device))) for name in names}
     times = {name: [] for name in names}
