@@ -131,7 +131,7 @@ def grids(args):
         return tuple(suite.Grid(tuple(op for op in g.ops if op in available), g.shapes, g.dtypes,
                                 g.layouts) for g in preset)
     base = suite.QUICK[0] if args.quick else suite.FULL[0]
-    only_sets = all(isinstance(s, str) for s in options.get("shapes", [()]))
+    only_sets = "shapes" in options and all(isinstance(s, str) for s in options["shapes"])
     ops = suite.LAYER_OPS if only_sets else tuple(op for op in base.ops if op in available)
     return (suite.Grid(**{"ops": ops, "shapes": base.shapes, "dtypes": base.dtypes,
                           "layouts": base.layouts, **options}),)
@@ -221,7 +221,7 @@ def render(runs, rows, args, markdown):
              "faults per call", "", report.summary_table(rows, markdown), ""]
     totals = report.shape_set_totals(rows)
     if totals:
-        parts += [*totals, ""]
+        parts += [f"- {line}" if markdown else line for line in totals] + [""]
     parts += [f"- {line}" if markdown else line for line in noise_lines(runs)]
     return "\n".join(parts)
 
@@ -233,7 +233,7 @@ def write_markdown(path, text, info, runs, command):
         f"Command: `{command}`", "",
         f"Machine: {machine_line(info)}; {info['date']}.", "",
         f"Malloc: {mallocs}. Times are medians over interleaved rounds (the implementations "
-        "of a row take turns); the method is described in docs/benchmarks.md.", "",
+        "of a row take turns); the method is described in docs/benchmarks.md.", "", "",
     ]
     with open(path, "w") as f:
         f.write("\n".join(header) + text + "\n")

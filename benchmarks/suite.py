@@ -16,6 +16,7 @@ every input read once, every output written once) against both.
 import dataclasses
 import functools
 import glob
+import itertools
 import sys
 import time
 
@@ -151,25 +152,26 @@ def _shape_entries(shapes):
             yield tuple(shape), "", None
 
 
+def _layers(counts, op, shape):
+    """The layers of a set that `op` on `shape` stands for (0 outside sets); None if none."""
+    if counts is None or op not in counts:
+        return 0
+    return counts[op].get(shape) or None
+
+
 def cases(grids, devices):
     """The Cases of `grids`, without duplicates, on each device."""
     seen = set()
-    for device in devices:
-        for grid in grids:
-            for shape, set_name, counts in _shape_entries(grid.shapes):
-                for layout in grid.layouts:
-                    if layout == "channels_last" and len(shape) not in (4, 5):
-                        continue
-                    for dtype in grid.dtypes:
-                        for op in grid.ops:
-                            layers = counts[op].get(shape, 0) if counts and op in counts else 0
-                            if counts and op in counts and not layers:
-                                continue  # no layer of the set is this op on this shape
-                            key = (op, shape, dtype, layout, device)
-                            if key not in seen:
-                                seen.add(key)
-                                yield Case(OPS[op], shape, dtype, layout, device, set_name,
-                                           layers)
+    for device, grid in itertools.product(devices, grids):
+        for (shape, set_name, counts), layout, dtype, op in itertools.product(
+                _shape_entries(grid.shapes), grid.layouts, grid.dtypes, grid.ops):
+            layers = _layers(counts, op, shape)
+            key = (op, shape, dtype, layout, device)
+            if layers is None or key in seen or (
+                    layout == "channels_last" and len(shape) not in (4, 5)):
+                continue
+            seen.add(key)
+            yield Case(OPS[op], shape, dtype, layout, device, set_name, layers)
 
 
 def make_input(case):
