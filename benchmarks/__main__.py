@@ -207,7 +207,8 @@ def noise_lines(runs):
 
 def legend(runs, threshold):
     text = ("flags: SLOWER = fused_bn slower than eager; noisy = per-round speedups spread more "
-            f"than {threshold:.0%}; compile fell back = no torch.compile time (see the JSON).")
+            f"than {threshold:.0%}; busy = other processes used CPUs the row's threads needed; "
+            "compile fell back = no torch.compile time (see the JSON).")
     if "steady" in runs and "default" in runs:
         text = ("Headline: glibc's default malloc settings (what users get); tuned malloc: "
                 "freed blocks kept for reuse (--malloc steady). " + text)

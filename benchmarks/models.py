@@ -203,8 +203,10 @@ def run_model(name, args):
     traced = compiled.snapshot()
     steps = {variant: step for variant, (step, _, _) in prepared.items()}
     # prepare_variants made each variant's first step; sizing the blocks makes a second
+    load = timing.Load.start(torch.get_num_threads())
     times = timing.interleaved_times(steps, args.device, args.min_run_time, args.rounds,
                                      warm_up=False)
+    load.stop()
     try:
         compiled.check_unchanged(traced)
     except compiled.CompileFellBack as error:
@@ -221,6 +223,7 @@ def run_model(name, args):
                 row["speedup_vs_eager"] = timing.ratio(times, "eager", variant)
                 row["spread_vs_eager"] = timing.ratio_spread(times, "eager", variant)
                 row["noisy"] = row["spread_vs_eager"] > args.noise_threshold
+                timing.mark_busy(row, load)
             saved = _optional(saved_for_backward_bytes, model, x, target)
             peak = _optional(peak_step_bytes, step, args.device)
             row.update({k: v / 1e6 for k, v in (("saved_MB", saved), ("peak_MB", peak))
@@ -292,7 +295,8 @@ def render(rows, load, args, markdown, malloc=""):
              "vs eager: eager's step time over the variant's (above 1: faster than eager). "
              "saved for backward: distinct storages autograd keeps in one training forward, "
              "parameters excluded. peak: the most bytes allocated at once during a step beyond "
-             "those live when it began. flags: SLOWER = slower than eager; noisy = per-round "
+             "those live when it began. flags: SLOWER = slower than eager; busy = other "
+             "processes used CPUs its threads needed; noisy = per-round "
              f"ratios spread more than {args.noise_threshold:.0%}.", "",
              "Variants: " + "; ".join(f"{v}: {VARIANTS[v].description}" for v in args.variants)
              + ".", "",

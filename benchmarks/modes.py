@@ -19,7 +19,7 @@ MODES = ("default", "steady")
 _OUTPUT_OPTIONS = ("--json", "--markdown", "--plot", "--malloc")
 # The columns a tuned row lends the merged row.
 TUNED_KEYS = ("fused_ms", "eager_ms", "compile_ms", "speedup_vs_eager", "speedup_vs_compile",
-              "spread_vs_eager", "noisy", "faults_fused", "faults_eager")
+              "spread_vs_eager", "noisy", "busy", "faults_fused", "faults_eager")
 
 
 def child_argv(argv, mode, json_path):

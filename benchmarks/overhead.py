@@ -77,15 +77,18 @@ def run_row(name, shape, mode, args):
     x = torch.randn(shape)
     grad = torch.randn(shape)
     eager, fused = PAIRS[name](shape)
+    load = timing.Load.start(torch.get_num_threads())
     times = timing.interleaved_times(
         {"fused": call_fn(fused, x, grad, mode), "eager": call_fn(eager, x, grad, mode)}, "cpu",
         args.min_run_time, args.rounds)
     spread = timing.ratio_spread(times, "eager", "fused")
-    return {"module": name, "shape": list(shape), "mode": mode.name,
-            "eager_us": timing.median(times["eager"]) * 1e6,
-            "fused_us": timing.median(times["fused"]) * 1e6,
-            "speedup_vs_eager": timing.ratio(times, "eager", "fused"),
-            "spread_vs_eager": spread, "noisy": spread > args.noise_threshold}
+    row = {"module": name, "shape": list(shape), "mode": mode.name,
+           "eager_us": timing.median(times["eager"]) * 1e6,
+           "fused_us": timing.median(times["fused"]) * 1e6,
+           "speedup_vs_eager": timing.ratio(times, "eager", "fused"),
+           "spread_vs_eager": spread, "noisy": spread > args.noise_threshold}
+    timing.mark_busy(row, load.stop())
+    return row
 
 
 COLUMNS = [
@@ -122,7 +125,7 @@ def render(rows, load, args, markdown):
     lines = [report.row_table(rows, COLUMNS, markdown), "",
              "eager/fused: PyTorch's µs per call over fused_bn's (above 1: fused_bn costs less). "
              "flags: SLOWER = fused_bn costs more; noisy = per-round ratios spread more than "
-             f"{args.noise_threshold:.0%}.", "",
+             f"{args.noise_threshold:.0%}; busy = other processes used the CPUs it needed.", "",
              report.table(summarize(rows), SUMMARY_COLUMNS, markdown), "",
              f"{load.describe()}."]
     lines += [f"RATIOS NOT TRUSTWORTHY: {line}" for line in verdict]

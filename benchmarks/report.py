@@ -25,8 +25,8 @@ def shape_text(shape):
 
 
 def flags(row):
-    """Marks a reader should not miss: fused_bn slower than eager, ratios from noise,
-    a compile baseline that did not compile."""
+    """Marks a reader should not miss: fused_bn slower than eager, ratios from noise or
+    from a busy machine, a compile baseline that did not compile."""
     marks = []
     if row.get("speedup_vs_eager", 1) < 1:
         marks.append("SLOWER")
@@ -34,6 +34,8 @@ def flags(row):
         marks.append("SLOWER(tuned)")
     if row.get("noisy") or row.get("tuned_noisy"):
         marks.append("noisy")
+    if row.get("busy") or row.get("tuned_busy"):
+        marks.append("busy")
     if "compile_error" in row:
         marks.append("compile fell back")
     return " ".join(marks)
@@ -55,6 +57,7 @@ MAIN_COLUMNS = [
 VERBOSE_COLUMNS = MAIN_COLUMNS[:-1] + [
     Column("device", "device"),
     Column("spread_vs_eager", "spread", "{:.0%}"),
+    Column("others_cpus", "others' CPUs", "{:.2f}"),
     Column("copy_ms", "copy ms", "{:.3f}"),
     Column("fused_GBps", "GB/s", "{:.1f}"),
     Column("pct_of_copy_bw", "% copy BW", "{:.0f}%"),
@@ -108,7 +111,8 @@ def _summary_row(op, rows):
 
     summary = {"op": op, "rows": len(rows),
                "slower": sum(row.get("speedup_vs_eager", 1) < 1 for row in rows),
-               "noisy": sum(bool(row.get("noisy")) for row in rows)}
+               "noisy": sum(bool(row.get("noisy")) for row in rows),
+               "busy": sum(bool(row.get("busy")) for row in rows)}
     for key in ("speedup_vs_eager", "speedup_vs_compile", "tuned_speedup_vs_eager"):
         if values(key):
             summary[key] = stats(values(key))
@@ -142,6 +146,7 @@ SUMMARY_COLUMNS = [
     Column("tuned_faults", "tuned: faults/call"),
     Column("slower", "slower rows"),
     Column("noisy", "noisy rows"),
+    Column("busy", "busy rows"),
 ]
 
 

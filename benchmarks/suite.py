@@ -340,7 +340,9 @@ def run_case(case, args):
     traced = None  # dynamo's counters after compiling: timing must not change them
     if case.op.name in args.compile_ops and _add_compiled(steps, row, case, eager, x, grad):
         traced = compiled.snapshot()
+    load = timing.Load.start(torch.get_num_threads())
     times = timing.interleaved_times(steps, case.device, args.min_run_time, args.rounds)
+    timing.mark_busy(row, load.stop())
     if traced is not None:
         try:
             compiled.check_unchanged(traced)

@@ -188,6 +188,15 @@ class Load:
         return text
 
 
+def mark_busy(row, load):
+    """Records in `row` the CPUs other processes used while it was timed, and whether
+    they competed with its threads: a row can have consistent rounds and wrong ratios
+    when every round waited for a descheduled thread."""
+    if load.others is not None:
+        row["others_cpus"] = load.others
+        row["busy"] = load.contended()
+
+
 def noise_verdict(load, rows, threshold=NOISE_THRESHOLD):
     """Lines saying plainly why the ratios of `rows` may not be trustworthy; [] if none."""
     lines = []
@@ -200,4 +209,9 @@ def noise_verdict(load, rows, threshold=NOISE_THRESHOLD):
         lines.append(
             f"{len(noisy)} of {len(rows)} rows are noisy: their per-round ratios spread more "
             f"than {threshold:.0%} (marked 'noisy')")
+    busy = [row for row in rows if row.get("busy")]
+    if busy:
+        lines.append(
+            f"{len(busy)} of {len(rows)} rows were timed while other processes used CPUs "
+            "their threads needed (marked 'busy')")
     return lines

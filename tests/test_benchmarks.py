@@ -101,6 +101,18 @@ def test_noise_verdict_says_why():
     assert any("busy" in line for line in timing.noise_verdict(busy, rows))
 
 
+def test_rows_timed_on_a_busy_machine_are_marked():
+    row = {"speedup_vs_eager": 1.5}
+    timing.mark_busy(row, timing.Load(cpus=2, threads=2, others=0.9))
+    assert row == {"speedup_vs_eager": 1.5, "others_cpus": 0.9, "busy": True}
+    assert report.flags(row) == "busy"
+    (line,) = timing.noise_verdict(timing.Load(cpus=2, threads=2, others=0.0), [row, {}])
+    assert "1 of 2 rows were timed while other processes used CPUs" in line
+    unknown = {}
+    timing.mark_busy(unknown, timing.Load(cpus=2, threads=2))  # no /proc/stat
+    assert unknown == {}
+
+
 def test_speedups_flag_noisy_rows():
     args = quick_args("--noise-threshold", "0.1")
     row = {}
@@ -181,6 +193,8 @@ def test_run_case_row():
         assert row[key] > 0
     assert row["speedup_vs_eager"] == pytest.approx(row["eager_ms"] / row["fused_ms"])
     assert row["spread_vs_eager"] >= 0 and isinstance(row["noisy"], bool)
+    if timing.busy_cpu_seconds() is not None:
+        assert row["others_cpus"] >= 0 and isinstance(row["busy"], bool)
     assert row["faults_fused"] >= 0 and row["faults_eager"] >= 0
     assert row["saved_fused_MB"] < row["saved_eager_MB"]  # BN+ReLU keeps x only
     assert "copy_ms" not in row and "memory_GBps" not in row  # --verbose only
