@@ -211,7 +211,8 @@ def legend(runs, threshold):
             "compile fell back = no torch.compile time (see the JSON).")
     if "steady" in runs and "default" in runs:
         text = ("Headline: glibc's default malloc settings (what users get); tuned malloc: "
-                "freed blocks kept for reuse (--malloc steady). " + text)
+                "freed blocks kept for reuse (--malloc steady); '(tuned)' marks a flag of the "
+                "tuned run. " + text)
     return text
 
 

@@ -28,14 +28,11 @@ def flags(row):
     """Marks a reader should not miss: fused_bn slower than eager, ratios from noise or
     from a busy machine, a compile baseline that did not compile."""
     marks = []
-    if row.get("speedup_vs_eager", 1) < 1:
-        marks.append("SLOWER")
-    if row.get("tuned_speedup_vs_eager", 1) < 1:
-        marks.append("SLOWER(tuned)")
-    if row.get("noisy") or row.get("tuned_noisy"):
-        marks.append("noisy")
-    if row.get("busy") or row.get("tuned_busy"):
-        marks.append("busy")
+    for key, mark in (("speedup_vs_eager", "SLOWER"), ("noisy", "noisy"), ("busy", "busy")):
+        for prefix, suffix in (("", ""), ("tuned_", "(tuned)")):
+            value = row.get(prefix + key)
+            if value is not None and (value < 1 if key == "speedup_vs_eager" else value):
+                marks.append(mark + suffix)
     if "compile_error" in row:
         marks.append("compile fell back")
     return " ".join(marks)

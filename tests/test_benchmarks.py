@@ -315,6 +315,8 @@ def test_table_marks_slower_rows():
     lines = report.row_table(rows, report.MAIN_COLUMNS).splitlines()
     assert lines[0].split()[:2] == ["op", "shape"] and "compile ms" not in lines[0]
     assert lines[1].endswith("SLOWER") and lines[2].endswith("SLOWER(tuned)")
+    assert report.flags({"speedup_vs_eager": 2.0, "noisy": True, "tuned_busy": True,
+                         "tuned_noisy": False}) == "noisy busy(tuned)"
     markdown = report.row_table(rows, report.MAIN_COLUMNS, markdown=True).splitlines()
     assert markdown[0].startswith("| op | shape |") and "| 0.90x |" in markdown[2]
 
