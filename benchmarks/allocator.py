@@ -42,6 +42,11 @@ def configure(mode):
             "(mallopt M_MMAP_THRESHOLD, M_TRIM_THRESHOLD)")
 
 
+def available():
+    """Whether `steady` can change anything here (glibc's malloc)."""
+    return _glibc() is not None
+
+
 def _glibc():
     if not sys.platform.startswith("linux"):
         return None

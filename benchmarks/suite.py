@@ -1,42 +1,33 @@
-"""Benchmark cases, timing and the per-row measurements.
+"""Benchmark cases, the rows they run in, and the per-row measurements.
 
-Each row times one op on one input with fused_bn, PyTorch eager and
-torch.compile of the eager modules (torch.utils.benchmark, median over
-interleaved rounds), and reports
-the achieved bandwidth by the minimum-bytes count (the bytes the op must move at
-least: every input read once, every output written once) against the
-bandwidth of a copy of the same tensor (copy_ into a preallocated tensor of the
-same layout) and of a copy far larger than the caches (memory bandwidth), both
-timed in the same rounds, and the minor page faults of a step.
+Each row times one op on one input with fused_bn, PyTorch eager and (for the
+ops in --compile-ops) torch.compile of the eager modules, compiled afresh for
+the row and checked to stay compiled (compiled.py). The implementations take
+turns in interleaved rounds (timing.py); a row reports the median times, the
+speedups, how much the per-round speedups spread (its noise), the minor page
+faults of one step and, for backward ops, the bytes autograd keeps for it.
+
+With --verbose a row also times a copy of the same tensor and a copy far
+larger than the caches in the same rounds, and reports the bandwidth of the
+fused op by the minimum-bytes count (the bytes the op must move at least:
+every input read once, every output written once) against both.
 """
 
 import dataclasses
 import functools
 import glob
-import math
+import itertools
 import sys
 import time
 
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
-
 import torch
-import torch.utils.benchmark as tbench
 from torch import nn
 
 import fused_bn
 
-DEFAULT_SHAPES = [
-    (32, 64, 56, 56),
-    (32, 256, 14, 14),
-    (32, 512, 7, 7),
-    (256, 1024),
-    (4096, 512),
-    (32, 128, 1000),
-]
-QUICK_SHAPES = [(4, 16, 8, 8), (64, 32), (4, 8, 50)]
+from . import compiled, timing
+from .shapes import SHAPE_SETS, layer_counts
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = ("contiguous", "channels_last")
 DROPOUT_P = 0.1
@@ -69,6 +60,8 @@ OPS = {
         Op("dropout_fwd_bwd", f"Dropout(p={DROPOUT_P}) forward+backward", "", True, True, 4),
     ]
 }
+# The ops that stand for the layers of a named shape set (shapes.py).
+LAYER_OPS = ("bn_relu_fwd_bwd", "bn_fwd_bwd")
 
 
 def available_ops():
@@ -76,27 +69,109 @@ def available_ops():
     return [name for name, op in OPS.items() if has_dropout or not op.is_dropout]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Rows: every op x shape x dtype x layout (channels_last only for 4D/5D shapes).
+
+    A shape is a tuple of sizes, the name of a shape set or a SetShape; a set's
+    shapes get only the LAYER_OPS rows that stand for some of its layers.
+    """
+
+    ops: tuple
+    shapes: tuple
+    dtypes: tuple = ("float32",)
+    layouts: tuple = LAYOUTS
+
+
+ALL_OPS = tuple(OPS)
+FULL_SHAPES = ((32, 64, 56, 56), (32, 256, 14, 14), (32, 512, 7, 7), (256, 1024), (4096, 512),
+               (32, 128, 1000))
+# --full: the grid of the earlier default table
+FULL = (Grid(ALL_OPS, FULL_SHAPES, ("float32", "bfloat16")),)
+# --quick: the CI smoke run
+QUICK = (Grid(ALL_OPS, ((4, 16, 8, 8), (64, 32), (4, 8, 50))),)
+
+
+@dataclasses.dataclass(frozen=True)
+class SetShape:
+    """One shape of a named set, as a Grid shape: its rows are those of the set."""
+
+    shape_set: str
+    shape: tuple
+
+
+def _layer(shape_set, *chw):
+    """A shape of a named set, by (C, H, W)."""
+    return SetShape(shape_set, next(
+        s.shape for s in SHAPE_SETS[shape_set].layers if s.shape[1:] == chw))
+
+
+# The default run (2-3 minutes with both malloc modes on 2 cores): every op on one
+# large and one (N, C) shape, the bfloat16 BatchNorm+ReLU steps, and the
+# forward+backward of real layers at batch 16 and 112 px: resnet50's from a large
+# plane to small planes with many channels (its most frequent shape, [16,256,7,7],
+# among them) and two of mobilenet_v2's.
+DEFAULT = (
+    Grid(ALL_OPS, ((32, 64, 56, 56), (256, 1024))),
+    Grid(("bn_relu_fwd_train", "bn_relu_fwd_bwd"), ((32, 64, 56, 56),), ("bfloat16",)),
+    Grid(LAYER_OPS, tuple(_layer("resnet50", *chw) for chw in (
+        (64, 28, 28), (256, 28, 28), (128, 14, 14), (256, 7, 7), (1024, 7, 7), (2048, 4, 4)))),
+    Grid(LAYER_OPS, tuple(_layer("mobilenet_v2", *chw) for chw in ((144, 28, 28),
+                                                                   (384, 7, 7)))),
+)
+
+
+@dataclasses.dataclass(frozen=True)
 class Case:
     op: Op
     shape: tuple
     dtype: str
     layout: str
     device: str
+    shape_set: str = ""  # the named set the shape comes from
+    layers: int = 0  # layers of the set this row stands for
 
     def label(self):
         return f"{self.op.name} {list(self.shape)} {self.dtype} {self.layout} {self.device}"
 
 
-def cases(ops, shapes, dtypes, layouts, devices):
-    for device in devices:
-        for shape in shapes:
-            for layout in layouts:
-                if layout == "channels_last" and len(shape) not in (4, 5):
-                    continue
-                for dtype in dtypes:
-                    for op in ops:
-                        yield Case(OPS[op], tuple(shape), dtype, layout, device)
+def _set_counts(name):
+    return {op: layer_counts(SHAPE_SETS[name], op) for op in LAYER_OPS}
+
+
+def _shape_entries(shapes):
+    """(shape, set name, {op: {shape: layers}}) for plain shapes, named sets and SetShapes."""
+    for shape in shapes:
+        if isinstance(shape, str):
+            counts = _set_counts(shape)
+            for layer in SHAPE_SETS[shape].layers:
+                yield layer.shape, shape, counts
+        elif isinstance(shape, SetShape):
+            yield shape.shape, shape.shape_set, _set_counts(shape.shape_set)
+        else:
+            yield tuple(shape), "", None
+
+
+def _layers(counts, op, shape):
+    """The layers of a set that `op` on `shape` stands for (0 outside sets); None if none."""
+    if counts is None or op not in counts:
+        return 0
+    return counts[op].get(shape) or None
+
+
+def cases(grids, devices):
+    """The Cases of `grids`, without duplicates, on each device."""
+    seen = set()
+    for device, grid in itertools.product(devices, grids):
+        for (shape, set_name, counts), layout, dtype, op in itertools.product(
+                _shape_entries(grid.shapes), grid.layouts, grid.dtypes, grid.ops):
+            layers = _layers(counts, op, shape)
+            key = (op, shape, dtype, layout, device)
+            if layers is None or key in seen or (
+                    layout == "channels_last" and len(shape) not in (4, 5)):
+                continue
+            seen.add(key)
+            yield Case(OPS[op], shape, dtype, layout, device, set_name, layers)
 
 
 def make_input(case):
@@ -203,118 +278,109 @@ def copy_GBps(source, ms):
     return 2 * source.numel() * source.element_size() / (ms * 1e-3) / 1e9
 
 
-def sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
+def _median_ms(times, name):
+    return timing.median(times[name]) * 1e3
 
 
-def minor_faults():
-    """This process's minor page faults so far (0 where getrusage is unavailable)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+def _bandwidth_columns(row, case, x, times, memory_src):
+    """--verbose: the fused op's bandwidth against the copies timed in the same rounds."""
+    row["copy_ms"] = _median_ms(times, "copy")
+    min_bytes = case.op.min_passes * x.numel() * x.element_size()
+    row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
+    row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_GBps(x, row["copy_ms"])
+    row["memory_GBps"] = copy_GBps(memory_src, _median_ms(times, "memory_copy"))
+    row["pct_of_memory_bw"] = 100 * row["fused_GBps"] / row["memory_GBps"]
+    # Eager's time over the memory floor (the minimum bytes at the memory copy's bandwidth):
+    # the speedup an implementation streaming from memory cannot exceed in this row.
+    floor_ms = min_bytes / (row["memory_GBps"] * 1e9) * 1e3
+    row["floor_speedup_vs_eager"] = row["eager_ms"] / floor_ms
 
 
-def interleaved_medians(fns, device, min_run_time, rounds):
-    """{name: median seconds per call} of the callables in `fns`.
-
-    Each is timed in `rounds` turns of min_run_time / rounds, taking turns with
-    the others (ABCABC...), and its turns are pooled into one median: the load
-    of a shared machine changes over seconds, and timing one implementation
-    after the other would put that change into the ratios between them.
-    """
-    measurements = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (allocations, first-call dispatch)
-    sync(device)
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            # torch.utils.benchmark times on one thread unless told otherwise.
-            timer = tbench.Timer(stmt="fn()", globals={"fn": fn}, label=name,
-                                 num_threads=torch.get_num_threads())
-            measurements[name].append(timer.blocked_autorange(min_run_time=min_run_time / rounds))
-    return {name: tbench.Measurement.merge(m)[0].median for name, m in measurements.items()}
+def _add_compiled(steps, row, case, eager, x, grad):
+    """Compiles the eager module afresh into steps["compile"]: True, or False with the
+    reason in the row when it did not compile."""
+    compiled.reset()
+    step = step_fn(torch.compile(eager, fullgraph=True), x, grad, case.op)
+    check = compiled.CompileCheck()
+    start = time.perf_counter()
+    try:
+        step()  # compiles
+        check.compiled()
+    except Exception as error:  # any failure to compile is reported in the row, not fatal
+        row["compile_error"] = f"{type(error).__name__}: {error}".splitlines()[0][:200]
+        return False
+    row["compile_s"] = round(time.perf_counter() - start, 1)
+    steps["compile"] = step
+    return True
 
 
-def faults_per_call(fn, device, calls=5):
-    """Minor page faults per call of fn, in steady state (after timing)."""
-    start = minor_faults()
-    for _ in range(calls):
-        fn()
-    sync(device)
-    return (minor_faults() - start) / calls
+def _speedups(row, times, threshold):
+    for baseline in ("eager", "compile"):
+        if baseline in times:
+            row[f"speedup_vs_{baseline}"] = timing.ratio(times, baseline, "fused")
+            row[f"spread_vs_{baseline}"] = timing.ratio_spread(times, baseline, "fused")
+    row["noisy"] = max(row.get("spread_vs_eager", 0), row.get("spread_vs_compile", 0)) > threshold
 
 
 def run_case(case, args):
     torch.manual_seed(0)
     x = make_input(case)
     grad = torch.randn_like(x)
-    copy_dst = torch.empty_like(x)
     fused, eager = modules(case)
-    row = {
-        "op": case.op.name,
-        "shape": list(case.shape),
-        "dtype": case.dtype,
-        "layout": case.layout,
-        "device": case.device,
-    }
-    memory_src, memory_dst = memory_copy_buffers(case.device)
-    steps = {
-        "copy": lambda: copy_dst.copy_(x),
-        "memory_copy": lambda: memory_dst.copy_(memory_src),
-        "fused": step_fn(fused, x, grad, case.op),
-        "eager": step_fn(eager, x, grad, case.op),
-    }
-    if case.op.name in args.compile_ops:
-        steps["compile"] = step_fn(torch.compile(eager), x, grad, case.op)
-        start = time.perf_counter()
-        steps["compile"]()  # compiles
-        row["compile_s"] = round(time.perf_counter() - start, 1)
-    medians = interleaved_medians(steps, case.device, args.min_run_time, args.rounds)
-    for name, seconds in medians.items():
-        row[f"{name}_ms"] = seconds * 1e3
-    row["speedup_vs_eager"] = row["eager_ms"] / row["fused_ms"]
-    if "compile_ms" in row:
-        row["speedup_vs_compile"] = row["compile_ms"] / row["fused_ms"]
-    min_bytes = case.op.min_passes * x.numel() * x.element_size()
-    row["fused_GBps"] = min_bytes / (row["fused_ms"] * 1e-3) / 1e9
-    row["pct_of_copy_bw"] = 100 * row["fused_GBps"] / copy_GBps(x, row["copy_ms"])
-    row["memory_GBps"] = copy_GBps(memory_src, row.pop("memory_copy_ms"))
-    row["pct_of_memory_bw"] = 100 * row["fused_GBps"] / row["memory_GBps"]
-    # Eager's time over the memory floor (the minimum bytes at the memory copy's bandwidth):
-    # the speedup an implementation streaming from memory cannot exceed in this row.
-    floor_ms = min_bytes / (row["memory_GBps"] * 1e9) * 1e3
-    row["floor_speedup_vs_eager"] = row["eager_ms"] / floor_ms
-    row["faults_fused"] = faults_per_call(steps["fused"], case.device)
-    row["faults_eager"] = faults_per_call(steps["eager"], case.device)
+    row = {"op": case.op.name, "shape": list(case.shape), "dtype": case.dtype,
+           "layout": case.layout, "device": case.device}
+    if case.shape_set:
+        row.update(shape_set=case.shape_set, layers=case.layers)
+    steps = {"fused": step_fn(fused, x, grad, case.op), "eager": step_fn(eager, x, grad, case.op)}
+    if args.verbose:
+        copy_dst = torch.empty_like(x)
+        memory_src, memory_dst = memory_copy_buffers(case.device)
+        steps["copy"] = lambda: copy_dst.copy_(x)
+        steps["memory_copy"] = lambda: memory_dst.copy_(memory_src)
+    traced = None  # dynamo's counters after compiling: timing must not change them
+    if case.op.name in args.compile_ops and _add_compiled(steps, row, case, eager, x, grad):
+        traced = compiled.snapshot()
+    load = timing.Load.start(torch.get_num_threads())
+    times = timing.interleaved_times(steps, case.device, args.min_run_time, args.rounds)
+    timing.mark_busy(row, load.stop())
+    if traced is not None:
+        try:
+            compiled.check_unchanged(traced)
+        except compiled.CompileFellBack as error:
+            row["compile_error"] = str(error)
+            del times["compile"]
+    for name in ("fused", "eager", "compile"):
+        if name in times:
+            row[f"{name}_ms"] = _median_ms(times, name)
+    _speedups(row, times, args.noise_threshold)
+    if args.verbose:
+        _bandwidth_columns(row, case, x, times, memory_src)
+    row["faults_fused"] = timing.faults_per_call(steps["fused"], case.device)
+    row["faults_eager"] = timing.faults_per_call(steps["eager"], case.device)
     if case.op.backward:
         row["saved_fused_MB"] = saved_tensor_bytes(fused, x, case.op) / 1e6
         row["saved_eager_MB"] = saved_tensor_bytes(eager, x, case.op) / 1e6
     return row
 
 
+def _progress_line(i, total, elapsed, case, row):
+    text = (f"[{i}/{total} {elapsed:.0f}s] {case.label()}: fused {row['fused_ms']:.3f} ms, "
+            f"{row['speedup_vs_eager']:.2f}x eager")
+    if "speedup_vs_compile" in row:
+        text += f", {row['speedup_vs_compile']:.2f}x compile"
+    if "compile_error" in row:
+        text += f", compile fell back: {row['compile_error']}"
+    return text
+
+
 def run(args, progress=sys.stderr):
-    """All rows of the selected cases."""
-    all_cases = list(cases(args.ops, args.shapes, args.dtypes, args.layouts, args.devices))
+    """All rows of args.grids on args.devices."""
+    all_cases = list(cases(args.grids, args.devices))
     rows = []
     start = time.perf_counter()
     for i, case in enumerate(all_cases, 1):
         row = run_case(case, args)
         rows.append(row)
-        elapsed = time.perf_counter() - start
-        print(
-            f"[{i}/{len(all_cases)} {elapsed:.0f}s] {case.label()}: "
-            f"fused {row['fused_ms']:.3f} ms, "
-            f"{row['speedup_vs_eager']:.2f}x eager"
-            + (
-                f", {row['speedup_vs_compile']:.2f}x compile"
-                if "speedup_vs_compile" in row
-                else ""
-            ),
-            file=progress,
-            flush=True,
-        )
+        print(_progress_line(i, len(all_cases), time.perf_counter() - start, case, row),
+              file=progress, flush=True)
     return rows
-
-
-def geomean(values):
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
