@@ -125,7 +125,8 @@ def snapshot(**things):
 
 
 def _copy(tensor):
-    grad = tensor.grad.detach().clone() if tensor.grad is not None else None
+    grad = tensor.grad if tensor.is_leaf else None
+    grad = grad.detach().clone() if grad is not None else None
     return (tensor.detach().clone(), tensor.requires_grad, grad)
 
 
@@ -204,11 +205,31 @@ class _ChildFailure(Exception):
     pass
 
 
+_warmed_up = []
+
+
+def _warm_up():
+    """Runs, once in this process, what the children run, so that modules torch imports
+    lazily (sympy with autograd's backward, ...) are imported once here rather than in
+    every child."""
+    if _warmed_up:
+        return
+    _warmed_up.append(True)
+    x = torch.randn(4, 3, 2, dtype=torch.float64, requires_grad=True)
+    for module in (fused_bn.BatchNormReLU1d(3).double(), nn.BatchNorm1d(3).double()):
+        module(x).sum().backward()
+        module.eval()(x).sum().backward()
+    fused_bn.functional.dropout(x, 0.5).sum().backward()
+    nn.functional.dropout(x, 0.5).sum().backward()
+    torch.testing.assert_close(x, x)
+
+
 def run_forked(fn, *args, timeout=SNIPPET_TIMEOUT_S):
     """fn(*args) in a forked child (one intra-op thread: OpenMP does not survive a fork
     otherwise): its exception is re-raised here as an AssertionError carrying the child's
     traceback; a crash or a hang becomes an AssertionError too. Cheap (milliseconds), so
     property-based tests run every example this way."""
+    _warm_up()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: never returns into pytest
