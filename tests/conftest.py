@@ -32,11 +32,11 @@ except ImportError:  # test_properties.py skips without hypothesis
 if hypothesis_settings is not None:
     _slow_examples_are_fine = [HealthCheck.too_slow, HealthCheck.data_too_large]
     hypothesis_settings.register_profile(
-        "ci", derandomize=True, max_examples=200, deadline=None, print_blob=True,
+        "ci", derandomize=True, database=None, max_examples=500, deadline=None, print_blob=True,
         suppress_health_check=_slow_examples_are_fine,
     )
     hypothesis_settings.register_profile(
-        "long", max_examples=2000, deadline=None, print_blob=True,
+        "long", max_examples=5000, deadline=None, print_blob=True,
         suppress_health_check=_slow_examples_are_fine,
     )
     hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

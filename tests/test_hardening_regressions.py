@@ -148,6 +148,23 @@ def test_eval_backward_at_nan_or_inf_input_is_torchs(activation, dtype):
     assert_matches_torch_step(reference, fused, x, grad, dtype)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_relu_passes_the_gradient_where_its_output_is_nan_like_torch(training, dtype):
+    """Issue #18 item 2 (ReLU part), in training as well: torch's ReLU backward blocks the
+    gradient only where the output is <= 0, so it passes it where the output is NaN; the
+    fused mask (pre-activation > 0) blocked it, which changes grad_bias (and, in eval,
+    grad_input). Without running statistics, so that item 1 does not interfere."""
+    reference, fused = make_pair((4, 3, 5), "relu", dtype=dtype, track_running_stats=False)
+    reference.train(training)
+    fused.train(training)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(dtype)
+    x[2, 1, 3] = nan  # in training, the whole channel's output is NaN
+    grad = torch.randn(4, 3, 5, generator=g, dtype=torch.float64).to(dtype)
+    assert_matches_torch_step(reference, fused, x, grad, dtype)
+
+
 # ---- 3. eps <= 0 --------------------------------------------------------------------------
 
 
