@@ -432,7 +432,7 @@ def per_channel(name, n, fill):
     return buffer[:n]
 
 C = 5
-lengths = {{name: (3 if name == short else C) for name in ("rm", "rv", "mean", "invstd")}}
+lengths = {{name: (3 if name in short else C) for name in ("rm", "rv", "mean", "invstd")}}
 rm = per_channel("rm", lengths["rm"], 0.0)
 rv = per_channel("rv", lengths["rv"], 1.0)
 mean = per_channel("mean", lengths["mean"], 0.5)
@@ -444,19 +444,29 @@ try:
 except RuntimeError as error:
     print("raised:", error)
 for name, buffer in buffers.items():
-    assert torch.equal(buffer, before[name]), f"{{name}} buffer changed: {{buffer.tolist()}}"
+    n = lengths[name]
+    assert torch.equal(buffer[n:], before[name][n:]), (
+        f"wrote past the end of the {{n}}-element view {{name}}: {{buffer.tolist()}}")
+for name, buffer in buffers.items():
+    assert torch.equal(buffer, before[name]), f"{{name}} changed: {{buffer.tolist()}}"
 assert nbt.item() == 3, "num_batches_tracked changed"
 print("untouched")
 """
 
 
-@pytest.mark.parametrize("short", ["rm", "rv", "mean", "invstd"])
+@pytest.mark.parametrize(
+    "short",
+    [("rv", "invstd"), ("rm", "mean"), ("rm", "rv"), ("mean", "invstd"), ("rm",), ("rv",),
+     ("mean",), ("invstd",)],
+    ids="-".join,
+)
 def test_update_running_stats_rejects_mismatched_lengths_before_writing(short):
     """Issue #18 item 7: running statistics, batch mean and invstd of different lengths
-    (a 3-element view of a larger buffer, C = 5 elsewhere) raise before anything is read or
-    written; nothing past the views changes. In a subprocess: an out-of-bounds write may
-    crash."""
-    output = run_snippet(UPDATE_RUNNING_STATS.format(short=short))
+    (3-element views of larger buffers, C = 5 for the others) raise before anything is read
+    or written; nothing past the views changes (running_var and invstd both of 3 elements
+    with C = 5 elsewhere: two elements past the view were overwritten). In a subprocess: an
+    out-of-bounds write may crash."""
+    output = run_snippet(UPDATE_RUNNING_STATS.format(short=list(short)))
     assert "raised:" in output, f"update_running_stats_ accepted the lengths: {output}"
     assert "untouched" in output
 
