@@ -1,5 +1,6 @@
 import copy
 import inspect
+import os
 
 import pytest
 import torch
@@ -18,6 +19,28 @@ BIAS_FALSE = pytest.param(
         reason="this torch's BatchNorm has no bias argument",
     ),
 )
+# Hypothesis profiles of the property-based tests (tests/test_properties.py):
+#   ci    the default: derandomized (the same examples on every run), a bounded number of
+#         examples so that the file takes a few minutes on 2 cores, the reproducing blob
+#         printed on failure;
+#   long  many random examples, for local runs: HYPOTHESIS_PROFILE=long python -m pytest ...
+try:
+    from hypothesis import HealthCheck
+    from hypothesis import settings as hypothesis_settings
+except ImportError:  # test_properties.py skips without hypothesis
+    hypothesis_settings = None
+if hypothesis_settings is not None:
+    _slow_examples_are_fine = [HealthCheck.too_slow, HealthCheck.data_too_large]
+    hypothesis_settings.register_profile(
+        "ci", derandomize=True, database=None, max_examples=500, deadline=None, print_blob=True,
+        suppress_health_check=_slow_examples_are_fine,
+    )
+    hypothesis_settings.register_profile(
+        "long", max_examples=5000, deadline=None, print_blob=True,
+        suppress_health_check=_slow_examples_are_fine,
+    )
+    hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 FUSED_BN = {1: fused_bn.BatchNorm1d, 2: fused_bn.BatchNorm2d, 3: fused_bn.BatchNorm3d}
 FUSED_BN_RELU = {
     1: fused_bn.BatchNormReLU1d, 2: fused_bn.BatchNormReLU2d, 3: fused_bn.BatchNormReLU3d
