@@ -94,13 +94,14 @@ void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Te
   TORCH_CHECK_INDEX(input.dim() >= 2, "Dimension out of range (expected to be in range of [",
                     -std::max<int64_t>(input.dim(), 1), ", ", std::max<int64_t>(input.dim(), 1) - 1,
                     "], but got 1)");
+  if (input.numel() == 0) return;  // PyTorch returns an empty batch before looking further
   TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()),
                               "\"batch_norm\" not implemented for '", input.scalar_type(), "'");
   check_channel_tensor(input, running_mean, "running_mean");
   check_channel_tensor(input, running_var, "running_var");
   check_channel_tensor(input, weight, "weight");
   check_channel_tensor(input, bias, "bias");
-  if (input.numel() > 0) check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
+  check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
 }
 
 namespace {

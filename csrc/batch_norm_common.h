@@ -18,8 +18,8 @@ ActivationSpec parse_activation(c10::string_view name, c10::ArrayRef<double> par
 // Input of at least 2 dims and a floating dtype; per-channel tensors of C
 // elements (any shape) on the input's device, with PyTorch's dtype rules: all
 // of the input's dtype, or all float32 for float16/bfloat16 input (mixed
-// precision). The dtype rules are not applied to an empty input, as PyTorch
-// returns it without looking at the parameters.
+// precision). Nothing but the dimensions is checked for an empty input, which
+// PyTorch returns without looking at the parameters.
 void check_batch_norm_inputs(const at::Tensor& input,
                              const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias,

@@ -158,6 +158,9 @@ class BatchNormActBackwardFunction
     ctx->saved_data["training"] = training;
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["activation_params"] = activation_params.vec();
+    ctx->saved_data["output_mask"] = std::vector<bool>(output_mask.begin(), output_mask.end());
+    // The outputs left out by output_mask are empty: build no zeros for them.
+    ctx->set_materialize_grads(false);
     return {grad_input, grad_weight, grad_bias, grad_residual};
   }
 
@@ -193,9 +196,11 @@ class BatchNormActBackwardFunction
       for (int k = 0; k < kDifferentiable; ++k) {
         if (needed[k]) wanted.push_back(stand_ins[k]);
       }
+      const auto computed = ctx->saved_data["output_mask"].toBoolList();
       for (int k = 0; k < 4; ++k) {
         // Not detached: under vmap (batched gradients) detach has no batching rule.
-        if (grads[k].defined() && composite[k].defined() && composite[k].requires_grad()) {
+        if (computed.get(k) && grads[k].defined() && composite[k].defined() &&
+            composite[k].requires_grad()) {
           outputs_used.push_back(composite[k]);
           grads_used.push_back(grads[k]);
         }

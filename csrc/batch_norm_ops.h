@@ -99,6 +99,18 @@ struct BatchNormOps {
     at::rsqrt_out(invstd, running_var.reshape({invstd.numel()}).to(invstd.scalar_type()) + eps);
   }
 
+  // An empty batch, as PyTorch returns it before looking at the parameters:
+  // an empty output and zero statistics; the running statistics stay as they
+  // are (num_batches_tracked still counts the step, as in nn.BatchNorm).
+  static TensorTriple empty_batch(const Tensor& input, const optional<Tensor>& num_batches_tracked) {
+    if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
+      num_batches_tracked->add_(1);
+    }
+    const auto stat_options = input.options().dtype(accumulate_type(input));
+    return {at::empty_like(input, output_memory_format(input)),
+            at::zeros({input.size(1)}, stat_options), at::zeros({input.size(1)}, stat_options)};
+  }
+
   static TensorTriple batch_norm_act(const Tensor& input, const optional<Tensor>& weight,
                                      const optional<Tensor>& bias,
                                      const optional<Tensor>& running_mean,
@@ -114,6 +126,9 @@ struct BatchNormOps {
     if (training) check_batch_size(input);
     check_eps(eps, training);
     check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
+    if (input.numel() == 0) {
+      return empty_batch(input, training ? num_batches_tracked : c10::nullopt);
+    }
     const ActivationSpec act = parse_activation(activation, activation_params);
     const bool has_residual = residual.has_value() && residual->defined();
     if (has_residual) check_like_input(*residual, input, "residual");
@@ -125,8 +140,9 @@ struct BatchNormOps {
                             num_batches_tracked, momentum);
       }
     } else {
-      TORCH_CHECK(has_running,
-                  "batch_norm_act: running_mean and running_var are required when training=False");
+      const char* missing = !(running_mean.has_value() && running_mean->defined()) ? "running_mean"
+                                                                                  : "running_var";
+      TORCH_CHECK(has_running, missing, " must be defined in evaluation mode");
     }
 
     const c10::DeviceGuard guard(input.device());
@@ -136,22 +152,15 @@ struct BatchNormOps {
                                  : empty_like_placed(p.input, {p.input});
     Tensor mean = channel_stat_like(input);
     Tensor invstd = channel_stat_like(input);
-    const int64_t count = p.view.count();
+    const int64_t count = p.view.count();  // > 0: empty inputs returned above
     if (!training) {
       eval_stats(*running_mean, *running_var, eps, mean, invstd);
-      if (count > 0) {
-        Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act,
-                                             res, output);
-      }
+      Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act,
+                                           res, output);
       return {output, mean, invstd};
     }
-    if (count == 0) {  // empty batch: nothing to normalize, no statistics
-      mean.zero_();
-      invstd.zero_();
-    } else {
-      Kernels::batch_norm_act_train_kernel(p.input, p.view, p.weight, p.bias, eps, act, res,
-                                           output, mean, invstd);
-    }
+    Kernels::batch_norm_act_train_kernel(p.input, p.view, p.weight, p.bias, eps, act, res, output,
+                                         mean, invstd);
     if (has_running) {
       Tensor rm = *running_mean, rv = *running_var;
       Kernels::update_running_stats(rm, rv, num_batches_tracked, mean, invstd, momentum, eps,

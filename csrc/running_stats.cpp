@@ -17,10 +17,10 @@ namespace fused_bn {
 
 namespace {
 
-void check_stat_tensor(int64_t channels, c10::Device device, const at::Tensor& t,
+void check_stat_tensor(const c10::SymInt& channels, c10::Device device, const at::Tensor& t,
                        const char* name) {
-  TORCH_CHECK(t.numel() == channels, name, " should contain ", channels, " elements not ",
-              t.numel());
+  TORCH_CHECK(t.sym_numel() == channels, name, " should contain ", channels, " elements not ",
+              t.sym_numel());
   TORCH_CHECK(t.device() == device,
               "Expected all tensors to be on the same device, but found at least two devices, ",
               device, " and ", t.device(), "!");
@@ -30,7 +30,7 @@ void check_stat_tensor(int64_t channels, c10::Device device, const at::Tensor& t
 
 }  // namespace
 
-bool check_running_stats(int64_t channels, c10::Device device, const at::Tensor& running_mean,
+bool check_running_stats(const c10::SymInt& channels, c10::Device device, const at::Tensor& running_mean,
                          const at::Tensor& running_var,
                          const c10::optional<at::Tensor>& num_batches_tracked,
                          c10::optional<double> momentum) {
@@ -38,8 +38,8 @@ bool check_running_stats(int64_t channels, c10::Device device, const at::Tensor&
   check_stat_tensor(channels, device, running_var, "running_var");
   const bool tracked = num_batches_tracked.has_value() && num_batches_tracked->defined();
   if (tracked) {
-    TORCH_CHECK(num_batches_tracked->numel() == 1,
-                "num_batches_tracked should contain 1 element not ", num_batches_tracked->numel());
+    TORCH_CHECK(num_batches_tracked->sym_numel() == 1,
+                "num_batches_tracked should contain 1 element not ", num_batches_tracked->sym_numel());
     TORCH_CHECK(num_batches_tracked->device() == device,
                 "Expected all tensors to be on the same device, but found at least two devices, ",
                 device, " and ", num_batches_tracked->device(), "!");
@@ -135,11 +135,11 @@ void check_update_running_stats_op(const at::Tensor& running_mean, const at::Ten
   TORCH_CHECK(count >= 0, "update_running_stats_: count must be >= 0, got ", count);
   TORCH_CHECK_VALUE(count != 1, "Expected more than 1 value per channel when training, got ",
                     count);
-  const int64_t channels = mean.numel();
+  const c10::SymInt channels = mean.sym_numel();
   check_running_stats(channels, mean.device(), running_mean, running_var, num_batches_tracked,
                       momentum);
-  TORCH_CHECK(invstd.numel() == channels, "invstd should contain ", channels, " elements not ",
-              invstd.numel());
+  TORCH_CHECK(invstd.sym_numel() == channels, "invstd should contain ", channels,
+              " elements not ", invstd.sym_numel());
   TORCH_CHECK(invstd.device() == mean.device(),
               "Expected all tensors to be on the same device, but found at least two devices, ",
               mean.device(), " and ", invstd.device(), "!");

@@ -5,6 +5,7 @@
 // falls back to the general path for tensors it does not handle. Used by the
 // batch_norm_act op after its forward and by the update_running_stats_ op.
 #include <ATen/core/Tensor.h>
+#include <c10/core/SymInt.h>
 #include <c10/util/Optional.h>
 
 namespace fused_bn {
@@ -13,7 +14,7 @@ namespace fused_bn {
 // `device`: both C elements of one floating dtype (any layout);
 // num_batches_tracked one element; a momentum or num_batches_tracked.
 // Returns whether num_batches_tracked is given; raises on bad arguments.
-bool check_running_stats(int64_t channels, c10::Device device, const at::Tensor& running_mean,
+bool check_running_stats(const c10::SymInt& channels, c10::Device device, const at::Tensor& running_mean,
                          const at::Tensor& running_var,
                          const c10::optional<at::Tensor>& num_batches_tracked,
                          c10::optional<double> momentum);

@@ -50,11 +50,21 @@ def _channel_stat(input):
 # ---- fake kernels -----------------------------------------------------------
 
 
+def _check_same_device(input, *tensors):
+    # The fake kernels also serve meta tensors, for which PyTorch's own check says this.
+    for t in tensors:
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"Tensor on device {t.device} is not on the expected device {input.device}!"
+            )
+
+
 @torch.library.register_fake("fused_bn::batch_norm_act")
 def _(
     input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
     activation="identity", activation_params=(), residual=None,
 ):
+    _check_same_device(input, weight, bias, running_mean, running_var, residual)
     return _like_input(input), _channel_stat(input), _channel_stat(input)
 
 

@@ -11,6 +11,8 @@ arguments, parameters, buffers, ``state_dict`` keys, ``reset_parameters`` and
 ``.to()`` are PyTorch's own.
 """
 
+from typing import Optional
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -36,12 +38,10 @@ class _BatchNormAct(_BatchNorm):
     ``activation``: a name (``"relu"``, ``"relu6"``, ``"hardtanh"``, ``"leaky_relu"``,
     ``"silu"``, ``"hardswish"``, ``"elu"``, ``"identity"``) with its module's parameters as
     keywords (``negative_slope=0.2``), an ``Activation``, or a PyTorch activation module
-    instance (``nn.LeakyReLU(0.2)``), ``default_activation`` when not given. Subclasses
-    with a fixed activation (BatchNormXd, BatchNormReLUXd) take no such argument.
+    instance (``nn.LeakyReLU(0.2)``); ``default_activation`` when not given.
     """
 
     default_activation = "relu"
-    takes_activation = True
 
     def __init__(
         self,
@@ -57,8 +57,6 @@ class _BatchNormAct(_BatchNorm):
         activation=None,
         **activation_params,
     ):
-        if not self.takes_activation and (activation is not None or activation_params):
-            raise TypeError(f"{type(self).__name__} takes no activation arguments")
         # `bias` is passed on only when False, so that torch releases without
         # the argument accept the default.
         super().__init__(
@@ -117,40 +115,52 @@ class BatchNormAct3d(_BatchNormAct):
     _check_input_dim = nn.BatchNorm3d._check_input_dim
 
 
-class BatchNorm1d(BatchNormAct1d):
+class _FixedActivation:
+    """A fused module whose activation is its class's ``default_activation``, with the
+    constructor of ``nn.BatchNormXd`` (no activation arguments)."""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias
+        )
+
+
+class BatchNorm1d(_FixedActivation, BatchNormAct1d):
     """Drop-in for :class:`torch.nn.BatchNorm1d` on (N, C) or (N, C, L) input."""
 
     default_activation = "identity"
-    takes_activation = False
 
 
-class BatchNorm2d(BatchNormAct2d):
+class BatchNorm2d(_FixedActivation, BatchNormAct2d):
     """Drop-in for :class:`torch.nn.BatchNorm2d` on (N, C, H, W) input."""
 
     default_activation = "identity"
-    takes_activation = False
 
 
-class BatchNorm3d(BatchNormAct3d):
+class BatchNorm3d(_FixedActivation, BatchNormAct3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d` on (N, C, D, H, W) input."""
 
     default_activation = "identity"
-    takes_activation = False
 
 
-class BatchNormReLU1d(BatchNormAct1d):
+class BatchNormReLU1d(_FixedActivation, BatchNormAct1d):
     """``nn.Sequential(nn.BatchNorm1d(...), nn.ReLU())`` as one fused module."""
 
-    takes_activation = False
 
-
-class BatchNormReLU2d(BatchNormAct2d):
+class BatchNormReLU2d(_FixedActivation, BatchNormAct2d):
     """``nn.Sequential(nn.BatchNorm2d(...), nn.ReLU())`` as one fused module."""
 
-    takes_activation = False
 
-
-class BatchNormReLU3d(BatchNormAct3d):
+class BatchNormReLU3d(_FixedActivation, BatchNormAct3d):
     """``nn.Sequential(nn.BatchNorm3d(...), nn.ReLU())`` as one fused module."""
-
-    takes_activation = False

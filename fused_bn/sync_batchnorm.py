@@ -158,8 +158,9 @@ class _SyncBatchNormActFunction(torch.autograd.Function):
 
 
 class SyncBatchNorm(_BatchNormAct):
-    """Drop-in for :class:`torch.nn.SyncBatchNorm` on (N, C, *) input, CPU or GPU, with an
-    optional fused ``activation`` (as in :class:`fused_bn.BatchNormAct2d`; default none).
+    """Drop-in for :class:`torch.nn.SyncBatchNorm` on (N, C, *) input, CPU or GPU.
+    ``convert_sync_batchnorm`` gives it the activation of the fused_bn layer it replaces
+    (the ``activation`` attribute, as in :class:`fused_bn.BatchNormAct2d`).
 
     In training, normalizes with the statistics of the global batch: the
     concatenation of every rank's batch in ``process_group`` (default: the
@@ -181,8 +182,6 @@ class SyncBatchNorm(_BatchNormAct):
         dtype=None,
         *,
         bias=True,
-        activation=None,
-        **activation_params,
     ):
         super().__init__(
             num_features,
@@ -193,8 +192,6 @@ class SyncBatchNorm(_BatchNormAct):
             device=device,
             dtype=dtype,
             bias=bias,
-            activation=activation,
-            **activation_params,
         )
         self.process_group = process_group
 
@@ -269,7 +266,6 @@ class SyncBatchNormReLU(SyncBatchNorm):
     """``nn.Sequential(nn.SyncBatchNorm(...), nn.ReLU())`` as one fused module."""
 
     default_activation = "relu"
-    takes_activation = False
 
 
 def _synchronized_copy(module, process_group):
@@ -284,8 +280,9 @@ def _synchronized_copy(module, process_group):
         module.track_running_stats,
         process_group,
         bias=module.bias is not None or not module.affine,
-        **({"activation": activation} if activation is not None and not relu else {}),
     )
+    if activation is not None:
+        sync.activation = activation
     if module.affine:
         sync.weight = module.weight
         sync.bias = module.bias

@@ -135,7 +135,7 @@ def test_mixed_precision_matches_torch(dtype, layout):
 def op_calls(x, dy, weight, bias, running_mean, running_var, activation):
     """Every BatchNorm op on one input, as a dict of name -> outputs."""
     out, mean, invstd = ops.batch_norm_act(
-        x, weight, bias, running_mean, running_var, True, 1e-5, activation
+        x, weight, bias, running_mean, running_var, None, True, 0.1, 1e-5, activation
     )
     count = x.numel() // x.shape[1]
     sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
@@ -144,7 +144,7 @@ def op_calls(x, dy, weight, bias, running_mean, running_var, activation):
     return {
         "train": (out, mean, invstd),
         "eval": ops.batch_norm_act(
-            x, weight, bias, running_mean, running_var, False, 1e-5, activation
+            x, weight, bias, running_mean, running_var, None, False, 0.1, 1e-5, activation
         ),
         "backward_train": ops.batch_norm_act_backward(
             dy, x, weight, bias, mean, invstd, True, activation
@@ -233,7 +233,7 @@ def test_opcheck_every_op(activation):
     bias = torch.randn(6, device=DEVICE)
     running_mean, running_var = torch.zeros(6, device=DEVICE), torch.ones(6, device=DEVICE)
     _, mean, invstd = ops.batch_norm_act(
-        x, weight, bias, running_mean, running_var, True, 1e-5, activation
+        x, weight, bias, running_mean, running_var, None, True, 0.1, 1e-5, activation
     )
     mean_dy, mean_dy_xmu = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
     calls = [
@@ -379,21 +379,21 @@ def test_cuda_graph_train_step(layout):
 def test_wrong_device_and_dtype_errors():
     x = make_input((4, 3, 5), "contiguous", torch.float32)
     with pytest.raises(RuntimeError, match="same device"):
-        ops.batch_norm_act(x, torch.ones(3), None, None, None, True, 1e-5, "relu")
+        ops.batch_norm_act(x, torch.ones(3), None, None, None, None, True, 0.1, 1e-5, "relu")
     with pytest.raises(NotImplementedError, match="not implemented for 'Int'"):
-        ops.batch_norm_act(x.int(), None, None, None, None, True, 1e-5, "relu")
+        ops.batch_norm_act(x.int(), None, None, None, None, None, True, 0.1, 1e-5, "relu")
     # PyTorch's wording (its CPU kernel's), as on the CPU.
     mixed = r"mixed dtype: all inputs must share same datatype \(input is Float, weight is Double\)"
     with pytest.raises(RuntimeError, match=mixed):
-        ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None,
-                           True, 1e-5, "relu")
+        ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None, None,
+                           True, 0.1, 1e-5, "relu")
 
 
 def test_empty_batch():
     x = torch.empty(0, 5, 4, 4, device=DEVICE)
-    y, mean, invstd = ops.batch_norm_act(x, None, None, None, None, True, 1e-5, "relu")
+    y, mean, invstd = ops.batch_norm_act(x, None, None, None, None, None, True, 0.1, 1e-5, "relu")
     assert y.shape == x.shape and mean.eq(0).all() and invstd.eq(0).all()
-    dx, dw, db = ops.batch_norm_act_backward(
+    dx, dw, db, _ = ops.batch_norm_act_backward(
         x, x, torch.ones(5, device=DEVICE), None, mean, invstd, True, "relu"
     )
     assert dx.shape == x.shape and dw.eq(0).all() and db.eq(0).all()
@@ -414,9 +414,9 @@ def test_more_than_2_31_elements_float16(layout):
     x.normal_(0.5, 2.0)
     weight = torch.linspace(0.5, 1.5, shape[1], device=DEVICE)
     bias = torch.linspace(-0.5, 0.5, shape[1], device=DEVICE)
-    y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
+    y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
     dy = torch.empty_like(x).normal_()
-    dx, dweight, dbias = ops.batch_norm_act_backward(
+    dx, dweight, dbias, _ = ops.batch_norm_act_backward(
         dy, x, weight, bias, mean, invstd, True, "relu"
     )
     count = x.numel() // shape[1]

@@ -90,7 +90,7 @@ def test_parameter_on_another_device():
     fused = fused_bn.BatchNormReLU2d(3)
     fused.weight = nn.Parameter(torch.ones(3, device="meta"))
     before = {k: v.clone() for k, v in fused.state_dict().items() if v.device.type == "cpu"}
-    with pytest.raises(RuntimeError, match="same device"):
+    with pytest.raises(RuntimeError, match="Tensor on device meta is not on the expected device cpu!"):
         fused(torch.randn(2, 3, 4, 4))
     for key, value in before.items():
         assert torch.equal(fused.state_dict()[key], value)
@@ -101,12 +101,17 @@ def test_unknown_activation():
     with pytest.raises(ValueError, match="activation must be one of"):
         fused_bn.functional.batch_norm(x, None, None, training=True, activation="gelu")
     with pytest.raises(RuntimeError, match="unknown activation 'gelu'"):
-        torch.ops.fused_bn.batch_norm_act(x, None, None, None, None, True, 1e-5, "gelu")
+        torch.ops.fused_bn.batch_norm_act(x, None, None, None, None, None, True, 0.1, 1e-5, "gelu")
 
 
 def test_eval_without_running_stats_in_functional():
-    with pytest.raises(ValueError, match="running_mean and running_var are required"):
+    # F.batch_norm's error; an empty batch is returned as it is, as there.
+    with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
         fused_bn.functional.batch_norm(torch.randn(4, 3), None, None, training=False)
+    with pytest.raises(RuntimeError, match="running_var must be defined in evaluation mode"):
+        fused_bn.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), None, training=False)
+    empty = torch.randn(0, 3)
+    assert fused_bn.functional.batch_norm(empty, None, None, training=False).shape == (0, 3)
 
 
 def test_backward_op_checks_statistics():

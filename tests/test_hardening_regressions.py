@@ -105,7 +105,7 @@ def test_batch_statistics_of_nan_or_inf_batch_are_torchs(value, layout):
     x[1, 1, 2, 2] = value
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    _, mean, invstd = ops.batch_norm_act(x, None, None, None, None, True, 1e-5, "identity")
+    _, mean, invstd = ops.batch_norm_act(x, None, None, None, None, None, True, 0.1, 1e-5, "identity")
     _, ref_mean, ref_invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
     assert_close_to_torch(mean, ref_mean, what="mean", atol=1e-6, rtol=1e-5)
     assert_close_to_torch(invstd, ref_invstd, what="invstd", atol=1e-6, rtol=1e-5)
@@ -383,7 +383,7 @@ ELEMT_OPS = {
         "ops.batch_norm_act_backward_reduce(x, x, w, b, mean, invstd, act)",
     "batch_norm_act_backward_eval":
         "ops.batch_norm_act_backward(x, x, w, b, mean, invstd, False, act)",
-    "batch_norm_act_eval": "ops.batch_norm_act(x, w, b, mean, invstd, False, 1e-5, act)",
+    "batch_norm_act_eval": "ops.batch_norm_act(x, w, b, mean, invstd, None, False, 0.1, 1e-5, act)",
 }
 
 
@@ -490,11 +490,11 @@ def test_update_running_stats_on_strided_views_writes_only_the_views():
 
 PER_CHANNEL_OPS = {
     "batch_norm_act_eval": (
-        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], False, 1e-5, "
+        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, False, 0.1, 1e-5, "
         "'relu')",
         ("weight", "bias", "mean", "invstd")),
     "batch_norm_act_train": (
-        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], True, 1e-5, "
+        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, True, 0.1, 1e-5, "
         "'relu')",
         ("weight", "bias", "mean", "invstd")),
     "batch_norm_act_backward": (

@@ -35,45 +35,63 @@ def sample_stats(x):
     return mean, (m2 / count + 1e-5).rsqrt()
 
 
-@pytest.mark.parametrize("activation", ["identity", "relu"])
+# (activation, activation_params): every activation kernel path (identity and
+# ReLU are instantiated on their own, the others share one).
+ACTIVATION_CASES = [
+    ("identity", []),
+    ("relu", []),
+    ("leaky_relu", [0.2]),
+    ("silu", []),
+    ("hardtanh", [-0.5, 0.8]),
+]
+
+
+@pytest.mark.parametrize("activation,params", ACTIVATION_CASES, ids=[a for a, _ in ACTIVATION_CASES])
 @pytest.mark.parametrize("shape,layout,dtype", OPCHECK_INPUTS)
-def test_opcheck_every_op(shape, layout, dtype, activation):
+def test_opcheck_every_op(shape, layout, dtype, activation, params):
     x = layout_input(shape, layout, dtype)
+    residual = layout_input(shape, layout, dtype, seed=7)
     C = shape[1]
     param_dtype = torch.float32 if dtype == torch.bfloat16 else dtype
     weight, bias = channel_params(C, param_dtype)
     weight.requires_grad_()
     bias.requires_grad_()
-    running_mean, running_var = torch.zeros(C, dtype=param_dtype), torch.ones(C, dtype=param_dtype)
     x_grad = x.detach().clone().requires_grad_()
     for training in (True, False):
-        torch.library.opcheck(
-            ops.batch_norm_act.default,
-            (x_grad, weight, bias, running_mean, running_var, training, 1e-5, activation),
-        )
+        for momentum, res in ((0.1, None), (None, residual)):
+            running_mean = torch.zeros(C, dtype=param_dtype)
+            running_var = torch.ones(C, dtype=param_dtype)
+            tracked = torch.tensor(3)
+            torch.library.opcheck(
+                ops.batch_norm_act.default,
+                (x_grad, weight, bias, running_mean, running_var, tracked, training, momentum,
+                 1e-5, activation, params, res),
+            )
     mean, invstd = sample_stats(x)
     grad_out = layout_input(shape, "contiguous", dtype, seed=5)
-    torch.library.opcheck(
-        ops.batch_norm_act_backward.default,
-        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, True, activation),
-    )
+    for res, mask in ((None, [True, True, True, True]), (residual, [False, True, False, True])):
+        torch.library.opcheck(
+            ops.batch_norm_act_backward.default,
+            (grad_out, x, weight.detach(), bias.detach(), mean, invstd, True, activation, params,
+             res, mask),
+        )
     torch.library.opcheck(ops.batch_norm_stats.default, (x,))
     torch.library.opcheck(
         ops.batch_norm_act_elemt.default,
-        (x, weight.detach(), bias.detach(), mean, invstd, activation),
+        (x, weight.detach(), bias.detach(), mean, invstd, activation, params),
     )
     sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
-        grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation
+        grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation, params
     )
     torch.library.opcheck(
         ops.batch_norm_act_backward_reduce.default,
-        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation),
+        (grad_out, x, weight.detach(), bias.detach(), mean, invstd, activation, params),
     )
     count = x.numel() // C
     torch.library.opcheck(
         ops.batch_norm_act_backward_elemt.default,
         (grad_out, x, weight.detach(), bias.detach(), mean, invstd, sum_dy / count,
-         sum_dy_xmu / count, activation),
+         sum_dy_xmu / count, activation, params),
     )
 
 
@@ -91,14 +109,14 @@ def test_split_ops_compose_to_the_fused_op():
     # stats -> elemt and reduce -> elemt (the synchronized-BN path) equal the fused ops.
     x = layout_input((5, 3, 4, 6), "channels_last", torch.float64)
     weight, bias = channel_params(3)
-    out, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, True, 1e-5, "relu")
+    out, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
     stat_mean, m2 = ops.batch_norm_stats(x)
     count = x.numel() // 3
     torch.testing.assert_close(stat_mean, mean)
     torch.testing.assert_close((m2 / count + 1e-5).rsqrt(), invstd)
     torch.testing.assert_close(ops.batch_norm_act_elemt(x, weight, bias, mean, invstd, "relu"), out)
     dy = torch.randn_like(x)
-    grad_input, grad_weight, grad_bias = ops.batch_norm_act_backward(
+    grad_input, grad_weight, grad_bias, _ = ops.batch_norm_act_backward(
         dy, x, weight, bias, mean, invstd, True, "relu"
     )
     sum_dy, sum_dy_xmu = ops.batch_norm_act_backward_reduce(
@@ -149,7 +167,7 @@ def test_grads_of_the_inputs_that_require_them(requires_grad):
     inputs = [t.requires_grad_(needed) for t, needed in zip((x, weight, bias), requires_grad)]
     wanted = [t for t in inputs if t.requires_grad]
     dy = layout_input((5, 3, 4), "contiguous", torch.float64, seed=3)
-    y, _, _ = ops.batch_norm_act(*inputs, None, None, True, 1e-5, "relu")
+    y, _, _ = ops.batch_norm_act(*inputs, None, None, None, True, 0.1, 1e-5, "relu")
     reference = torch.relu(nn.functional.batch_norm(x, None, None, weight, bias, training=True))
     for grad, expected in zip(
         torch.autograd.grad(y, wanted, dy), torch.autograd.grad(reference, wanted, dy)
@@ -170,7 +188,7 @@ def test_gradgradcheck(layout, affine, training, activation):
 
     def fn(x, *params):
         weight, bias = params if affine else (None, None)
-        return ops.batch_norm_act(x, weight, bias, running_mean, running_var, training, 1e-5,
+        return ops.batch_norm_act(x, weight, bias, running_mean, running_var, None, training, 0.1, 1e-5,
                                   activation)[0]
 
     assert torch.autograd.gradgradcheck(fn, (x, *params), atol=1e-5, rtol=1e-4)
@@ -230,7 +248,7 @@ def test_forward_mode_ad_raises():
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, torch.randn_like(x))
         with pytest.raises(RuntimeError, match="jvp"):
-            ops.batch_norm_act(dual, None, None, None, None, True, 1e-5, "relu")
+            ops.batch_norm_act(dual, None, None, None, None, None, True, 0.1, 1e-5, "relu")
 
 
 class SmallNet(nn.Module):
