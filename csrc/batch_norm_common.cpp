@@ -3,7 +3,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include "running_stats.h"
+
 #include <charconv>
+#include <initializer_list>
 #include <sstream>
 #include <string>
 
@@ -160,6 +163,33 @@ void check_like_input(const at::Tensor& t, const at::Tensor& input, const char* 
               input.device(), " and ", t.device(), "!");
   TORCH_CHECK(t.scalar_type() == input.scalar_type(), name, " must have the input's dtype ",
               input.scalar_type(), ", got ", t.scalar_type());
+}
+
+ActivationSpec check_batch_norm_act_args(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, bool training,
+    c10::optional<double> momentum, double eps, c10::string_view activation,
+    c10::ArrayRef<double> activation_params, const c10::optional<at::Tensor>& residual,
+    bool check_values_per_channel) {
+  if (training && check_values_per_channel) check_batch_size(input);
+  check_eps(eps, training);
+  check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
+  const ActivationSpec act = parse_activation(activation, activation_params);
+  if (input.numel() == 0) return act;  // PyTorch returns an empty batch as it is
+  if (defined(residual)) check_like_input(*residual, input, "residual");
+  const bool has_running = defined(running_mean) && defined(running_var);
+  if (training) {
+    if (has_running) {
+      check_running_stats(input.size(1), input.device(), *running_mean, *running_var,
+                          num_batches_tracked, momentum);
+    }
+  } else {
+    TORCH_CHECK(defined(running_mean), "running_mean must be defined in evaluation mode");
+    TORCH_CHECK(defined(running_var), "running_var must be defined in evaluation mode");
+  }
+  return act;
 }
 
 at::MemoryFormat output_memory_format(const at::Tensor& input) {

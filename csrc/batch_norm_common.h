@@ -26,6 +26,18 @@ void check_batch_norm_inputs(const at::Tensor& input,
                              const c10::optional<at::Tensor>& running_mean,
                              const c10::optional<at::Tensor>& running_var);
 
+// Every check batch_norm_act makes before it computes anything (in
+// F.batch_norm's order: batch size, eps, then the tensors); returns the
+// activation. Also used before a synchronized step's first collective.
+ActivationSpec check_batch_norm_act_args(
+    const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& running_mean,
+    const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& num_batches_tracked, bool training,
+    c10::optional<double> momentum, double eps, c10::string_view activation,
+    c10::ArrayRef<double> activation_params, const c10::optional<at::Tensor>& residual,
+    bool check_values_per_channel = true);
+
 // eps as F.batch_norm accepts it: positive in training, non-negative otherwise.
 void check_eps(double eps, bool training);
 

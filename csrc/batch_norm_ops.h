@@ -120,31 +120,18 @@ struct BatchNormOps {
                                      c10::string_view activation,
                                      c10::ArrayRef<double> activation_params,
                                      const optional<Tensor>& residual) {
-    // Every check first: a call that raises changes nothing.
-    // In F.batch_norm's order: batch size, eps, then the tensors.
     check_device(input, "batch_norm_act");
-    if (training) check_batch_size(input);
-    check_eps(eps, training);
-    check_batch_norm_inputs(input, weight, bias, running_mean, running_var);
+    // Every check first: a call that raises changes nothing.
+    const ActivationSpec act =
+        check_batch_norm_act_args(input, weight, bias, running_mean, running_var,
+                                  num_batches_tracked, training, momentum, eps, activation,
+                                  activation_params, residual);
     if (input.numel() == 0) {
       return empty_batch(input, training ? num_batches_tracked : c10::nullopt);
     }
-    const ActivationSpec act = parse_activation(activation, activation_params);
     const bool has_residual = residual.has_value() && residual->defined();
-    if (has_residual) check_like_input(*residual, input, "residual");
     const bool has_running = running_mean.has_value() && running_mean->defined() &&
                              running_var.has_value() && running_var->defined();
-    if (training) {
-      if (has_running) {
-        check_running_stats(input.size(1), input.device(), *running_mean, *running_var,
-                            num_batches_tracked, momentum);
-      }
-    } else {
-      const char* missing = !(running_mean.has_value() && running_mean->defined()) ? "running_mean"
-                                                                                  : "running_var";
-      TORCH_CHECK(has_running, missing, " must be defined in evaluation mode");
-    }
-
     const c10::DeviceGuard guard(input.device());
     Prepared p = prepare(input, weight, bias);
     const Tensor res = has_residual ? like_prepared(*residual, p) : Tensor();

@@ -2,6 +2,7 @@
 // (ops.cpp and the backend files); it also reports how it was built.
 #include <torch/extension.h>
 
+#include "batch_norm_common.h"
 #include "cpu/cpu_capability.h"
 #include "kernel_selection.h"
 
@@ -39,6 +40,22 @@ pybind11::dict build_info() {
   return info;
 }
 
+// check_batch_norm_act_args for Python: a synchronized step checks its call
+// before the first collective, without computing anything.
+void check_batch_norm_call(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                           const c10::optional<at::Tensor>& bias,
+                           const c10::optional<at::Tensor>& running_mean,
+                           const c10::optional<at::Tensor>& running_var,
+                           const c10::optional<at::Tensor>& num_batches_tracked, bool training,
+                           c10::optional<double> momentum, double eps,
+                           const std::string& activation,
+                           const std::vector<double>& activation_params,
+                           bool local_values_per_channel) {
+  fused_bn::check_batch_norm_act_args(input, weight, bias, running_mean, running_var,
+                                      num_batches_tracked, training, momentum, eps, activation,
+                                      activation_params, c10::nullopt, local_values_per_channel);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -47,4 +64,13 @@ PYBIND11_MODULE(_C, m) {
         "Version, the torch it was built against, whether CUDA kernels were compiled and for "
         "which architectures, the CPU instruction sets compiled and the one in use, and whether the "
         "CPU kernels run multi-threaded (OpenMP).");
+  m.def("check_batch_norm_call", &check_batch_norm_call, pybind11::arg("input"),
+        pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("running_mean"),
+        pybind11::arg("running_var"), pybind11::arg("num_batches_tracked"),
+        pybind11::arg("training"), pybind11::arg("momentum"), pybind11::arg("eps"),
+        pybind11::arg("activation"), pybind11::arg("activation_params"),
+        pybind11::arg("local_values_per_channel") = true,
+        "Raises what fused_bn::batch_norm_act would raise for these arguments (residual aside), "
+        "without computing anything; local_values_per_channel=False leaves out the check of "
+        "values per channel (a synchronized step checks the global batch's).");
 }

@@ -162,6 +162,26 @@ def _dropout_seed_offset(device):
     return torch.randint(1 << 62, (2,), dtype=torch.int64, device=device)
 
 
+# The names PyTorch's messages give the dtypes dropout rejects.
+_DTYPE_NAMES = {
+    torch.complex32: "ComplexHalf", torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble", torch.bool: "Bool", torch.uint8: "Byte",
+    torch.int8: "Char", torch.int16: "Short", torch.int32: "Int", torch.int64: "Long",
+}
+
+
+def _check_dropout_dtype(input):
+    # The errors torch.nn.functional.dropout raises in training for these dtypes.
+    if input.is_floating_point():
+        return
+    name = _DTYPE_NAMES.get(input.dtype, str(input.dtype))
+    if input.is_complex():
+        raise NotImplementedError(
+            f'"bernoulli_scalar_{input.device.type}_" not implemented for \'{name}\''
+        )
+    raise RuntimeError(f"result type Float can't be cast to the desired output type {name}")
+
+
 def dropout(input, p=0.5, training=True, inplace=False, mask_mode=DEFAULT_DROPOUT_MASK_MODE):
     """``torch.nn.functional.dropout`` that keeps at most 1 bit per element for backward.
 
@@ -173,10 +193,15 @@ def dropout(input, p=0.5, training=True, inplace=False, mask_mode=DEFAULT_DROPOU
     """
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p != p:  # NaN passes the comparisons above; torch's op then raises this
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
     if mask_mode not in DROPOUT_MASK_MODES:
         raise ValueError(f"mask_mode must be one of {DROPOUT_MASK_MODES}, got {mask_mode!r}")
-    if not training or p == 0.0 or input.numel() == 0:
+    if not training:
         return input  # as torch: the input itself
+    _check_dropout_dtype(input)
+    if p == 0.0 or input.numel() == 0:
+        return input
     seed_offset = _dropout_seed_offset(input.device)
     if inplace and not (torch.is_grad_enabled() and input.requires_grad):
         ops.dropout_(input, p, seed_offset)

@@ -21,19 +21,11 @@ from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ._ops import accumulate_dtype, ops
-from .functional import _under_transform
+from . import _C
+from .functional import _needs_composite, _under_transform
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "communicated_bytes", "convert_sync_batchnorm"]
-
-
-def _check_devices(input, *per_channel):
-    for t in per_channel:
-        if t is not None and t.device != input.device:
-            raise RuntimeError(
-                "Expected all tensors to be on the same device, but found at least two devices, "
-                f"{input.device} and {t.device}!"
-            )
 
 
 def _all_gather_flat(output, input, group):
@@ -43,12 +35,63 @@ def _all_gather_flat(output, input, group):
     gather(output, input, group=group)
 
 
+# Dtypes a synchronized step may take, by their code in the header.
+_HEADER_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HEADER_FIELDS = 3  # verdict, channels, dtype code
+
+
 def communicated_bytes(num_features, world_size, dtype):
     """Sizes in bytes of the buffers one synchronized layer hands to the collectives
-    in a training step, per rank: (forward all-gather output, backward all_reduce)."""
-    gathered = world_size * (1 + 2 * num_features) * torch.float64.itemsize
+    in a training step, per rank: (the forward's two all-gather outputs, header and
+    statistics, together; the backward's all_reduce)."""
+    header = world_size * _HEADER_FIELDS * torch.int64.itemsize
+    gathered = header + world_size * (1 + 2 * num_features) * torch.float64.itemsize
     reduced = 2 * num_features * accumulate_dtype(dtype).itemsize
     return gathered, reduced
+
+
+def _agree_on_the_step(module, input, running_mean, running_var, group, world_size):
+    """Checks the call on this rank, then exchanges a small header with every rank (this
+    rank's verdict, channel count and dtype), so that a call that is wrong on any rank,
+    or ranks that disagree, raise on every rank before any statistic is exchanged or
+    written: all ranks commit a step or none does, and the collectives that follow
+    agree on their sizes and dtypes."""
+    error = None
+    try:
+        if _needs_composite(input, module.activation, None, ()):
+            raise NotImplementedError(
+                f"{type(module).__name__}: activation {module.activation} on CUDA needs "
+                "FUSED_BN_CUDA_KERNELS=next in a synchronized step (its kernels have not "
+                "been verified on a GPU)"
+            )
+        _C.check_batch_norm_call(
+            input, module.weight, module.bias, running_mean, running_var,
+            module.num_batches_tracked if running_mean is not None else None, True,
+            module.momentum, module.eps, module.activation.name, list(module.activation.params),
+            local_values_per_channel=False,  # the global batch's count is checked later
+        )
+    except Exception as e:  # noqa: BLE001 - raised below, once every rank knows
+        error = e
+    dtype_code = _HEADER_DTYPES.index(input.dtype) if input.dtype in _HEADER_DTYPES else -1
+    header = torch.tensor([error is None, input.size(1), dtype_code], device=input.device)
+    gathered = header.new_empty(world_size * header.numel())
+    _all_gather_flat(gathered, header, group)
+    ranks = gathered.view(world_size, -1).tolist()
+    if error is not None:
+        raise error
+    failed = [rank for rank, (ok, _, _) in enumerate(ranks) if not ok]
+    if failed:
+        raise RuntimeError(
+            f"{type(module).__name__}: the synchronized step raised on rank(s) {failed} (see "
+            "the error there); no rank updated its statistics"
+        )
+    if len({(channels, dtype) for _, channels, dtype in ranks}) > 1:
+        channels = [c for _, c, _ in ranks]
+        dtypes = [str(_HEADER_DTYPES[d]) if d >= 0 else "other" for _, _, d in ranks]
+        raise RuntimeError(
+            f"{type(module).__name__}: the ranks of the process group disagree on the input: "
+            f"channels {channels}, dtypes {dtypes} (by rank); no rank updated its statistics"
+        )
 
 
 def _gather_batch_stats(input, process_group, world_size):
@@ -218,8 +261,6 @@ class SyncBatchNorm(_BatchNormAct):
         track = self.track_running_stats
         running_mean = self.running_mean if track else None
         running_var = self.running_var if track else None
-        # Checked before the collective: a bad call raises without entering it.
-        _check_devices(input, self.weight, self.bias, running_mean, running_var)
         if _under_transform((input, self.weight, self.bias, running_mean, running_var)):
             # Else the step would run (statistics updated) before autograd
             # found that the synchronized Function has no forward-mode formula.
@@ -228,6 +269,8 @@ class SyncBatchNorm(_BatchNormAct):
                 "forward-mode AD nor torch.func transforms (nor does nn.SyncBatchNorm's); "
                 "in eval mode, or without a process group of several ranks, both work"
             )
+        world_size = dist.get_world_size(group)
+        _agree_on_the_step(self, input, running_mean, running_var, group, world_size)
         return _SyncBatchNormActFunction.apply(
             input,
             self.weight,
@@ -239,7 +282,7 @@ class SyncBatchNorm(_BatchNormAct):
             self.eps,
             self.activation,
             group,
-            dist.get_world_size(group),
+            world_size,
         )
 
     @classmethod

@@ -327,10 +327,11 @@ def _pop_parameter_grads(module, record):
 def check_case(case, rank_records):
     """rank_records: the records of the group's ranks, in group-rank order."""
     tolerance = TOLERANCE[case.dtype]
-    # One all-gather per forward, one all_reduce per backward, of the documented sizes.
+    # Two all-gathers per forward (the header, the statistics), one all_reduce per
+    # backward, of the documented sizes.
     gather = "all_gather_single" if hasattr(dist, "all_gather_single") else "all_gather_into_tensor"
     gathered, reduced = communicated_bytes(case.feature_shape[0], len(case.splits), case.dtype)
-    sync_calls = {gather: case.steps, "all_reduce": case.steps}
+    sync_calls = {gather: 2 * case.steps, "all_reduce": case.steps}
     sync_bytes = {gather: case.steps * gathered, "all_reduce": case.steps * reduced}
     for make_module in (fused_module(case.relu), torch_module(case.relu)):
         ref = reference_run(case, make_module)

@@ -346,8 +346,10 @@ inline BlockStats shifted_moments(double count, double inv_count, double shift, 
   // An infinite shift (an infinite value in the block) makes every d NaN: the
   // mean is then the shift, sum / count, as PyTorch computes it.
   stats.mean = std::isinf(shift) ? shift : shift + sum_d * inv_count;
-  const double m2 = sum_d2 - sum_d * sum_d * inv_count;
-  stats.m2 = m2 < 0 ? 0 : m2;  // >= 0 up to rounding; NaN and inf stay, as in PyTorch
+  // An overflowing sum of squares is an infinite variance, as in PyTorch
+  // (not inf - inf); otherwise >= 0 up to rounding, and NaN stays NaN.
+  const double m2 = std::isinf(sum_d2) ? sum_d2 : sum_d2 - sum_d * sum_d * inv_count;
+  stats.m2 = m2 < 0 ? 0 : m2;
   return stats;
 }
 
