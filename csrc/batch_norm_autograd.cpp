@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "autograd_records.h"
+#include "batch_norm_common.h"
 #include "batch_norm_double_backward.h"
 
 namespace fused_bn {
@@ -112,9 +113,19 @@ TensorTriple batch_norm_act_autograd(
     const optional<Tensor>& num_batches_tracked, bool training, optional<double> momentum,
     double eps, c10::string_view activation, c10::ArrayRef<double> activation_params,
     const optional<Tensor>& residual) {
-  if (c10::GradMode::is_enabled()) {
-    check_running_stat_not_differentiable(running_mean, "running_mean");
-    check_running_stat_not_differentiable(running_var, "running_var");
+  const auto requires_grad = [](const optional<Tensor>& t) {
+    return t.has_value() && t->defined() && t->requires_grad();
+  };
+  if (c10::GradMode::is_enabled() && (requires_grad(running_mean) || requires_grad(running_var))) {
+    // PyTorch checks these first (and returns an empty batch as it is), the
+    // dtypes only after.
+    if (training) check_batch_size(input);
+    check_eps(eps, training);
+    check_batch_norm_shapes(input, weight, bias, running_mean, running_var);
+    if (input.numel() > 0) {
+      check_running_stat_not_differentiable(running_mean, "running_mean");
+      check_running_stat_not_differentiable(running_var, "running_var");
+    }
   }
   // Nothing to record (inference, or no tensor requires grad): no node.
   if (!autograd_records({input, weight, bias, residual})) {

@@ -90,7 +90,7 @@ static void check_parameter_dtypes(const at::Tensor& input,
               "mixed dtype (CPU): all inputs must share same datatype.");
 }
 
-void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+void check_batch_norm_shapes(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
                              const c10::optional<at::Tensor>& bias,
                              const c10::optional<at::Tensor>& running_mean,
                              const c10::optional<at::Tensor>& running_var) {
@@ -98,12 +98,20 @@ void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Te
                     -std::max<int64_t>(input.dim(), 1), ", ", std::max<int64_t>(input.dim(), 1) - 1,
                     "], but got 1)");
   if (input.numel() == 0) return;  // PyTorch returns an empty batch before looking further
-  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()),
-                              "\"batch_norm\" not implemented for '", input.scalar_type(), "'");
   check_channel_tensor(input, running_mean, "running_mean");
   check_channel_tensor(input, running_var, "running_var");
   check_channel_tensor(input, weight, "weight");
   check_channel_tensor(input, bias, "bias");
+}
+
+void check_batch_norm_inputs(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& running_mean,
+                             const c10::optional<at::Tensor>& running_var) {
+  check_batch_norm_shapes(input, weight, bias, running_mean, running_var);
+  if (input.numel() == 0) return;
+  TORCH_CHECK_NOT_IMPLEMENTED(at::isFloatingType(input.scalar_type()),
+                              "\"batch_norm\" not implemented for '", input.scalar_type(), "'");
   check_parameter_dtypes(input, {&weight, &bias, &running_mean, &running_var});
 }
 

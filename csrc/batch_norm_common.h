@@ -15,7 +15,14 @@ namespace fused_bn {
 // unknown name or a wrong number of parameters.
 ActivationSpec parse_activation(c10::string_view name, c10::ArrayRef<double> params);
 
-// Input of at least 2 dims and a floating dtype; per-channel tensors of C
+// Input of at least 2 dims; per-channel tensors of C elements (any shape) on
+// the input's device. PyTorch checks these before anything else.
+void check_batch_norm_shapes(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                             const c10::optional<at::Tensor>& bias,
+                             const c10::optional<at::Tensor>& running_mean,
+                             const c10::optional<at::Tensor>& running_var);
+
+// check_batch_norm_shapes, then a floating input dtype; per-channel tensors of C
 // elements (any shape) on the input's device, with PyTorch's dtype rules: all
 // of the input's dtype, or all float32 for float16/bfloat16 input (mixed
 // precision). Nothing but the dimensions is checked for an empty input, which

@@ -102,12 +102,24 @@ struct BatchNormOps {
   // An empty batch, as PyTorch returns it before looking at the parameters:
   // an empty output and zero statistics; the running statistics stay as they
   // are (num_batches_tracked still counts the step, as in nn.BatchNorm).
-  static TensorTriple empty_batch(const Tensor& input, const optional<Tensor>& num_batches_tracked) {
+  static TensorTriple empty_batch(const Tensor& input, const optional<Tensor>& weight,
+                                  const optional<Tensor>& bias,
+                                  const optional<Tensor>& num_batches_tracked) {
     if (num_batches_tracked.has_value() && num_batches_tracked->defined()) {
       num_batches_tracked->add_(1);
     }
     const auto stat_options = input.options().dtype(accumulate_type(input));
-    return {at::empty_like(input, output_memory_format(input)),
+    // PyTorch returns input.clone() * weight[0] + bias[0]: the input's strides
+    // (an empty channels-last tensor is also "contiguous", so
+    // output_memory_format cannot tell), the dtype those ops promote to.
+    at::ScalarType dtype = input.scalar_type();
+    for (const optional<Tensor>* param : {&weight, &bias}) {
+      if (param->has_value() && (*param)->defined() && (*param)->numel() > 0) {
+        dtype = at::result_type(at::empty({0}, input.options().dtype(dtype)),
+                                (*param)->reshape({-1})[0]);
+      }
+    }
+    return {at::empty_like(input, input.options().dtype(dtype)),
             at::zeros({input.size(1)}, stat_options), at::zeros({input.size(1)}, stat_options)};
   }
 
@@ -127,7 +139,7 @@ struct BatchNormOps {
                                   num_batches_tracked, training, momentum, eps, activation,
                                   activation_params, residual);
     if (input.numel() == 0) {
-      return empty_batch(input, training ? num_batches_tracked : c10::nullopt);
+      return empty_batch(input, weight, bias, training ? num_batches_tracked : c10::nullopt);
     }
     const bool has_residual = residual.has_value() && residual->defined();
     const bool has_running = running_mean.has_value() && running_mean->defined() &&

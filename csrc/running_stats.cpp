@@ -58,15 +58,18 @@ void update_running_stats_general(at::Tensor& running_mean, at::Tensor& running_
   if (count == 0) return;
   // float64 for the variance recovery: 1/invstd^2 - eps cancels when var << eps.
   const at::Tensor unbiased_var = (invstd.to(at::kDouble).pow(-2) - eps) * bessel_factor(count);
-  if (momentum.has_value()) {
-    running_mean.lerp_(mean.to(running_mean.scalar_type()), *momentum);
-    running_var.lerp_(unbiased_var.to(running_var.scalar_type()), *momentum);
-    return;
-  }
-  const at::Tensor factor = num_batches_tracked->to(at::kDouble).reciprocal();
-  running_mean.lerp_(mean.to(running_mean.scalar_type()), factor.to(running_mean.scalar_type()));
-  running_var.lerp_(unbiased_var.to(running_var.scalar_type()),
-                    factor.to(running_var.scalar_type()));
+  // moving_average() of fused_bn/running_stats.h, in the running statistics'
+  // opmath type: double for double, float otherwise.
+  const auto opmath = running_mean.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor weight = momentum.has_value()
+                                ? at::scalar_tensor(*momentum, mean.options().dtype(at::kDouble))
+                                : num_batches_tracked->to(at::kDouble).reciprocal();
+  const at::Tensor w = weight.to(opmath);
+  const auto average = [&](at::Tensor& running, const at::Tensor& batch) {
+    running.copy_(w * batch.reshape(running.sizes()).to(opmath) + (1 - w) * running.to(opmath));
+  };
+  average(running_mean, mean);
+  average(running_var, unbiased_var);
 }
 
 namespace {

@@ -59,12 +59,23 @@ def _check_same_device(input, *tensors):
             )
 
 
+def _empty_batch_output(input, weight, bias):
+    """As BatchNormOps::empty_batch: input.clone() * weight[0] + bias[0], as PyTorch."""
+    dtype = input.dtype
+    for param in (weight, bias):
+        if param is not None and param.numel() > 0:
+            dtype = torch.result_type(input.new_empty((0,), dtype=dtype), param.reshape(-1)[0])
+    return torch.empty_like(input, dtype=dtype)
+
+
 @torch.library.register_fake("fused_bn::batch_norm_act")
 def _(
     input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum, eps,
     activation="identity", activation_params=(), residual=None,
 ):
     _check_same_device(input, weight, bias, running_mean, running_var, residual)
+    if input.numel() == 0:
+        return _empty_batch_output(input, weight, bias), _channel_stat(input), _channel_stat(input)
     return _like_input(input), _channel_stat(input), _channel_stat(input)
 
 

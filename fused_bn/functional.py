@@ -6,6 +6,8 @@ one fused kernel per pass and keeps only the input (and residual) and O(C)
 statistics for backward.
 """
 
+import math
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -193,8 +195,9 @@ def dropout(input, p=0.5, training=True, inplace=False, mask_mode=DEFAULT_DROPOU
     """
     if p < 0.0 or p > 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
-    if p != p:  # NaN passes the comparisons above; torch's op then raises this
-        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if p != p:  # NaN passes the comparisons above; torch's op then raises this (in C++)
+        nan = "-nan" if math.copysign(1.0, p) < 0 else "nan"
+        raise RuntimeError(f"dropout probability has to be between 0 and 1, but got {nan}")
     if mask_mode not in DROPOUT_MASK_MODES:
         raise ValueError(f"mask_mode must be one of {DROPOUT_MASK_MODES}, got {mask_mode!r}")
     if not training:

@@ -20,8 +20,8 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ._ops import accumulate_dtype, ops
 from . import _C
+from ._ops import accumulate_dtype, ops
 from .functional import _needs_composite, _under_transform
 from .modules import _BatchNormAct
 

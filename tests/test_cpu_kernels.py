@@ -229,7 +229,8 @@ def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
     ops = torch.ops.fused_bn
     for x_start, g_start in [(0, 0), (16, 0), (100, 700), (512, 16), (1000, 480)]:
         x, grad = view_at(x_base, shape, layout, x_start), view_at(g_base, shape, layout, g_start)
-        y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
+        y, mean, invstd = ops.batch_norm_act(
+            x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
         grad_input = ops.batch_norm_act_backward(
             grad, x, weight, bias, mean, invstd, True, "relu")[0]
         dropped = ops.dropout(x, 0.3, torch.tensor([1, 2]), True)[0]
@@ -243,7 +244,8 @@ def test_large_outputs_start_far_from_their_inputs_within_a_page(layout):
             assert out.untyped_storage().nbytes() == numel * 4
             assert out.stride() == torch.empty_like(x).stride()
         fresh = x.clone()
-        expected_y = ops.batch_norm_act(fresh, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")[0]
+        expected_y = ops.batch_norm_act(
+            fresh, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")[0]
         assert torch.equal(y, expected_y)
         assert torch.equal(
             grad_input,
@@ -285,7 +287,8 @@ def test_reduced_precision_outputs_are_rounded_float32_results(shape, layout, dt
     weight = torch.rand(shape[1], generator=gen) + 0.5
     bias = torch.randn(shape[1], generator=gen)
     ops = torch.ops.fused_bn
-    y, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, None, True, 0.1, 1e-5, activation)
+    y, mean, invstd = ops.batch_norm_act(
+        x, weight, bias, None, None, None, True, 0.1, 1e-5, activation)
     y32, mean32, invstd32 = ops.batch_norm_act(
         x.float(), weight, bias, None, None, None, True, 0.1, 1e-5, activation)
     assert torch.equal(mean, mean32) and torch.equal(invstd, invstd32)

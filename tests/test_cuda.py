@@ -385,8 +385,8 @@ def test_wrong_device_and_dtype_errors():
     # PyTorch's wording (its CPU kernel's), as on the CPU.
     mixed = r"mixed dtype: all inputs must share same datatype \(input is Float, weight is Double\)"
     with pytest.raises(RuntimeError, match=mixed):
-        ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None, None,
-                           True, 0.1, 1e-5, "relu")
+        ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None,
+                           None, True, 0.1, 1e-5, "relu")
 
 
 def test_empty_batch():

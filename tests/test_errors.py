@@ -90,7 +90,8 @@ def test_parameter_on_another_device():
     fused = fused_bn.BatchNormReLU2d(3)
     fused.weight = nn.Parameter(torch.ones(3, device="meta"))
     before = {k: v.clone() for k, v in fused.state_dict().items() if v.device.type == "cpu"}
-    with pytest.raises(RuntimeError, match="Tensor on device meta is not on the expected device cpu!"):
+    message = "Tensor on device meta is not on the expected device cpu!"
+    with pytest.raises(RuntimeError, match=message):
         fused(torch.randn(2, 3, 4, 4))
     for key, value in before.items():
         assert torch.equal(fused.state_dict()[key], value)

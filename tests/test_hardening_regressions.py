@@ -20,6 +20,7 @@ from conftest import FUSED_BN, FUSED_BN_RELU, TOLERANCE, TORCH_BN, make_pair, re
 from test_sync_batchnorm import run_distributed
 from torch import nn
 from torch_parity import (
+    BATCH_NORM_OPERATOR,
     assert_close_to_torch,
     assert_same_error,
     assert_unchanged,
@@ -105,7 +106,8 @@ def test_batch_statistics_of_nan_or_inf_batch_are_torchs(value, layout):
     x[1, 1, 2, 2] = value
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
-    _, mean, invstd = ops.batch_norm_act(x, None, None, None, None, None, True, 0.1, 1e-5, "identity")
+    _, mean, invstd = ops.batch_norm_act(
+        x, None, None, None, None, None, True, 0.1, 1e-5, "identity")
     _, ref_mean, ref_invstd = torch.native_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
     assert_close_to_torch(mean, ref_mean, what="mean", atol=1e-6, rtol=1e-5)
     assert_close_to_torch(invstd, ref_invstd, what="invstd", atol=1e-6, rtol=1e-5)
@@ -210,10 +212,6 @@ def test_zero_eps_in_eval_is_accepted_like_torch(activation):
 
 
 # ---- 4. and 9. running statistics that require grad ----------------------------------------
-
-
-# PyTorch's message names the operator that ran.
-BATCH_NORM_OPERATOR = ("native_batch_norm", "fused_bn::batch_norm_act")
 
 
 @pytest.mark.parametrize("which", ["running_mean", "running_var", "both"])
@@ -495,12 +493,12 @@ def test_update_running_stats_on_strided_views_writes_only_the_views():
 
 PER_CHANNEL_OPS = {
     "batch_norm_act_eval": (
-        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, False, 0.1, 1e-5, "
-        "'relu')",
+        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, False, "
+        "0.1, 1e-5, 'relu')",
         ("weight", "bias", "mean", "invstd")),
     "batch_norm_act_train": (
-        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, True, 0.1, 1e-5, "
-        "'relu')",
+        "ops.batch_norm_act(x, a['weight'], a['bias'], a['mean'], a['invstd'], None, True, "
+        "0.1, 1e-5, 'relu')",
         ("weight", "bias", "mean", "invstd")),
     "batch_norm_act_backward": (
         "ops.batch_norm_act_backward(g, x, a['weight'], a['bias'], a['mean'], a['invstd'], True, "

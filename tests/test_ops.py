@@ -46,7 +46,9 @@ ACTIVATION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("activation,params", ACTIVATION_CASES, ids=[a for a, _ in ACTIVATION_CASES])
+@pytest.mark.parametrize(
+    "activation,params", ACTIVATION_CASES, ids=[a for a, _ in ACTIVATION_CASES]
+)
 @pytest.mark.parametrize("shape,layout,dtype", OPCHECK_INPUTS)
 def test_opcheck_every_op(shape, layout, dtype, activation, params):
     x = layout_input(shape, layout, dtype)
@@ -109,7 +111,8 @@ def test_split_ops_compose_to_the_fused_op():
     # stats -> elemt and reduce -> elemt (the synchronized-BN path) equal the fused ops.
     x = layout_input((5, 3, 4, 6), "channels_last", torch.float64)
     weight, bias = channel_params(3)
-    out, mean, invstd = ops.batch_norm_act(x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
+    out, mean, invstd = ops.batch_norm_act(
+        x, weight, bias, None, None, None, True, 0.1, 1e-5, "relu")
     stat_mean, m2 = ops.batch_norm_stats(x)
     count = x.numel() // 3
     torch.testing.assert_close(stat_mean, mean)
@@ -188,8 +191,8 @@ def test_gradgradcheck(layout, affine, training, activation):
 
     def fn(x, *params):
         weight, bias = params if affine else (None, None)
-        return ops.batch_norm_act(x, weight, bias, running_mean, running_var, None, training, 0.1, 1e-5,
-                                  activation)[0]
+        return ops.batch_norm_act(x, weight, bias, running_mean, running_var, None, training,
+                                  0.1, 1e-5, activation)[0]
 
     assert torch.autograd.gradgradcheck(fn, (x, *params), atol=1e-5, rtol=1e-4)
 

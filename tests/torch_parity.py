@@ -45,6 +45,34 @@ def outcome(fn, *args, **kwargs):
         return Outcome(error=error)
 
 
+# (PyTorch's, fused_bn's) operator, which some messages name: see assert_same_error.
+BATCH_NORM_OPERATOR = ("native_batch_norm", "fused_bn::batch_norm_act")
+
+
+def torch_fails_on_zero_channels(expected, input):
+    """Whether `expected` is PyTorch's failure on an empty batch with zero-element
+    parameters (zero channels): its empty-batch path indexes weight[0] and raises an
+    internal IndexError. fused_bn does better there and returns the empty output (see
+    test_hardening_regressions.test_zero_channels_give_an_empty_output)."""
+    return (
+        expected.raised
+        and isinstance(expected.error, IndexError)
+        and str(expected.error).startswith("select(): index 0 out of range for tensor of size [0]")
+        and input.dim() >= 2
+        and input.numel() == 0
+    )
+
+
+def assert_empty_output_where_torch_fails_on_zero_channels(expected, actual, input):
+    """Where PyTorch fails on zero channels, fused_bn returns an empty output of the
+    input's shape; returns whether that was the case."""
+    if not torch_fails_on_zero_channels(expected, input):
+        return False
+    assert not actual.raised, f"zero channels: fused_bn {actual.describe()}"
+    assert actual.value.shape == input.shape
+    return True
+
+
 def assert_same_error(expected, actual, contains=False, operator=None):
     """`actual` (fused_bn's outcome) raised what `expected` (PyTorch's) raised: the same
     exception type and message (or, with contains, a message containing PyTorch's).

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   using opmath_t = at::opmath_type<running_t>;
   const int64_t batches = num_batches_tracked != nullptr ? *num_batches_tracked + 1 : 0;
   if (count > 0) {
-    const opmath_t weight = cumulative ? cumulative_weight<running_t, opmath_t>(batches)
+    const opmath_t weight = cumulative ? cumulative_weight<opmath_t>(batches)
                                        : static_cast<opmath_t>(momentum);
     const double bessel = bessel_factor(count);
     for (int64_t c = threadIdx.x; c < channels; c += blockDim.x) {
