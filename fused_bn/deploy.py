@@ -57,30 +57,33 @@ _ACTIVATION_DROPPING_CALLERS = frozenset({"torch.nn.utils.fusion", "torch.nn.mod
 
 
 class GuardedEps:
-    """``eps`` of the fused modules: a plain attribute (kept in the instance dict, so state,
-    repr, pickling and TorchScript see it as before), except when read by the functions of
-    torch.nn.utils.fusion (``fuse_conv_bn_eval``, ``fuse_linear_bn_eval``) or
-    torch.nn.modules.batchnorm (``nn.SyncBatchNorm.convert_sync_batchnorm``) from a module
-    with an activation: they would return a module without it, so they raise instead."""
+    """``eps`` of a module that applies an activation after BatchNorm: a plain attribute (kept
+    in the instance dict, so state, repr, pickling and TorchScript see it as before), except
+    when read by the functions of torch.nn.utils.fusion (``fuse_conv_bn_eval``,
+    ``fuse_linear_bn_eval``) or torch.nn.modules.batchnorm
+    (``nn.SyncBatchNorm.convert_sync_batchnorm``): they would return a module without the
+    activation, so they get an error instead. ``activation_of(module)`` describes the
+    activation, or is falsy for none."""
+
+    def __init__(self, activation_of):
+        self.activation_of = activation_of
 
     def __get__(self, module, owner=None):
         if module is None:
             return self
-        eps = module.__dict__["eps"]
-        if torch.compiler.is_compiling():  # before sys._getframe, which dynamo does not trace
-            return eps
-        activation = module.__dict__.get("activation")
-        if getattr(activation, "name", "identity") != "identity" and (
+        if not torch.compiler.is_compiling() and (  # dynamo does not trace sys._getframe
             sys._getframe(1).f_globals.get("__name__") in _ACTIVATION_DROPPING_CALLERS
         ):
-            raise RuntimeError(
-                f"{type(module).__name__} applies {activation} after BatchNorm, which this "
-                "function would drop: fold it with fused_bn.fold_batch_norm(model), or with "
-                "torch.ao.quantization.fuse_modules(..., fuse_custom_config_dict="
-                "fused_bn.fuse_custom_config()), or revert the model first "
-                "(fused_bn.revert_model)"
-            )
-        return eps
+            activation = self.activation_of(module)
+            if activation:
+                raise RuntimeError(
+                    f"{type(module).__name__} applies {activation} after BatchNorm, which this "
+                    "function would drop: fold it with fused_bn.fold_batch_norm(model), or with "
+                    "torch.ao.quantization.fuse_modules(..., fuse_custom_config_dict="
+                    "fused_bn.fuse_custom_config()), or revert the model first "
+                    "(fused_bn.revert_model)"
+                )
+        return module.__dict__["eps"]
 
     def __set__(self, module, value):
         module.__dict__["eps"] = value

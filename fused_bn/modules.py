@@ -44,7 +44,7 @@ class _BatchNormAct(_BatchNorm):
 
     default_activation = "relu"
     # Deployment tools: see fused_bn/deploy.py.
-    eps = deploy.GuardedEps()
+    eps = deploy.GuardedEps(lambda m: m.activation.name != "identity" and m.activation)
     __prepare_scriptable__ = deploy.refuse_scripting
 
     def __init__(

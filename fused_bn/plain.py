@@ -29,7 +29,8 @@ class BatchNormAct(_NormBase):
     train/eval behavior, on (N, C, *) input. ``act`` is a child without state (``nn.ReLU()``,
     ``nn.SiLU()``, ``nn.Identity()``, ...), so it adds no ``state_dict`` key."""
 
-    eps = GuardedEps()  # torch.nn.utils.fusion must not drop the activation (deploy.py)
+    # torch.nn.utils.fusion must not drop the activation (deploy.py).
+    eps = GuardedEps(lambda m: type(m.act) is not nn.Identity and type(m.act).__name__)
 
     def __init__(
         self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
