@@ -1,10 +1,11 @@
 """How the fused BatchNorm modules behave under PyTorch's deployment tools (docs/deploy.md).
 
-* ``torch.export`` and ONNX export (both exporters): the modules compute with torch's own
-  ops (``F.batch_norm`` and the activation), so that an exported program holds standard ops
-  only: it runs without fused_bn, and ONNX has them (``BatchNormalization``, ``Relu``, ...).
-  The fused op mutates the running statistics by schema, which the ONNX exporter cannot
-  translate even in eval mode, where nothing is written.
+* ``torch.export`` and ONNX export (both exporters), in eval mode: the modules compute with
+  torch's own ops (``F.batch_norm`` and the activation), so that an exported program holds
+  standard ops only: it runs without fused_bn, and ONNX has them (``BatchNormalization``,
+  ``Relu``, ...). The fused op mutates the running statistics by schema, which the ONNX
+  exporter cannot translate (nor a custom translation table) even in eval mode, where
+  nothing is written.
 * ``torch.fx`` symbolic tracing: a leaf, one ``call_module`` node, as torch.nn's BatchNorm.
 * ``torch.jit.script``: one clear error that names the alternatives.
 * ``torch.nn.utils.fusion`` (``fuse_conv_bn_eval``) and ``nn.SyncBatchNorm.convert_sync_batchnorm``
