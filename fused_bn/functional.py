@@ -12,6 +12,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
+from . import memory
 from ._ops import build_info, ops
 from .activations import Activation, activation_of
 
@@ -97,10 +98,14 @@ def _batch_norm(
             residual, num_batches_tracked,
         )
     # The overload itself (.default): each call through the packet costs more host time.
-    return ops.batch_norm_act.default(
+    output, mean, invstd = ops.batch_norm_act.default(
         input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
         eps, activation.name, activation.params, residual,
-    )[0]
+    )
+    # Under memory.recompute(), later layers that save this output get a recipe instead.
+    if memory.sessions_open and residual is None and not torch.compiler.is_compiling():
+        memory.register(output, input, weight, bias, mean, invstd, activation)
+    return output
 
 
 def batch_norm(
