@@ -23,7 +23,6 @@ inplace operation" error, as they would without hooks. See docs/memory.md.
 import contextlib
 import itertools
 import threading
-import weakref
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
@@ -37,6 +36,17 @@ __all__ = ["recompute", "recompute_activations"]
 sessions_open = 0
 _thread = threading.local()
 _new_token = itertools.count().__next__
+
+
+def _version_tracker(tensor):
+    """A tensor without data that shares ``tensor``'s version counter: in-place changes
+    to ``tensor`` (or its views) show in its ``_version`` even after ``tensor`` is gone,
+    and it keeps no storage alive."""
+    tracker = tensor.detach()
+    # Below the ADInplaceOrView key, set_ does not bump the shared counter.
+    with torch._C._AutoDispatchBelowADInplaceOrView():
+        tracker.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+    return tracker
 
 
 def _check_version(tensor, expected):
@@ -69,19 +79,16 @@ class _Kept:
 class _PackedByOuterHooks:
     """A saved tensor handed to the enclosing saved-tensor hooks."""
 
-    __slots__ = ("packed", "unpack_hook", "tensor_ref", "version")
+    __slots__ = ("packed", "unpack_hook", "tracker", "version")
 
     def __init__(self, tensor, pack_hook, unpack_hook):
         self.packed = pack_hook(tensor)
         self.unpack_hook = unpack_hook
-        # A tensor that no longer exists cannot have been modified.
-        self.tensor_ref = weakref.ref(tensor)
+        self.tracker = _version_tracker(tensor)
         self.version = tensor._version
 
     def unpack(self):
-        tensor = self.tensor_ref()
-        if tensor is not None:
-            _check_version(tensor, self.version)
+        _check_version(self.tracker, self.version)
         return self.unpack_hook(self.packed)
 
 
@@ -93,7 +100,7 @@ class _Recipe:
     def __init__(self, fused, sources):
         self.sources = sources  # input, weight, bias, mean, invstd: handles or None
         self.activation = fused.activation
-        self.output_ref = fused.output_ref
+        self.output_tracker = fused.tracker
         self.output_version = fused.version
         self.output_stride = fused.stride
         self.consumers = set()  # tokens of the live handles
@@ -111,9 +118,7 @@ class _Recipe:
         self._drop_when_done()
 
     def unpack(self, token):
-        output = self.output_ref()
-        if output is not None:
-            _check_version(output, self.output_version)
+        _check_version(self.output_tracker, self.output_version)
         if self.output is None:
             self.output = self.recompute()
         rebuilt = self.output
@@ -164,7 +169,7 @@ class _FusedOutput:
     """A registered output of the fused op and the tensors that rebuild it."""
 
     def __init__(self, output, sources, activation):
-        self.output_ref = weakref.ref(output)
+        self.tracker = _version_tracker(output)
         self.version = output._version
         self.stride = output.stride()
         self.dtype = output.dtype
@@ -176,8 +181,7 @@ class _FusedOutput:
     def recipe_for(self, session):
         """The shared recipe, or None where the output or its sources changed in place
         since the forward (the output is then kept as it is)."""
-        output = self.output_ref()
-        if output is None or output._version != self.version:
+        if self.tracker._version != self.version:
             return None
         if any(t is not None and t._version != v
                for t, v in zip(self.sources, self.source_versions)):
@@ -196,9 +200,6 @@ class _Session:
     def __init__(self, outer_hooks):
         self.outer_pack, self.outer_unpack = outer_hooks or (None, None)
         self.fused_outputs = WeakIdKeyDictionary()
-        # Tensors given to the outer hooks, so that one saved twice (by the fused op
-        # and by a recipe) is packed once.
-        self.packed_by_outer = WeakIdKeyDictionary()
 
     def register(self, output, sources, activation):
         # Without a node, nothing keeps the input: a recipe would keep it instead of the
@@ -226,11 +227,10 @@ class _Session:
     def _keep(self, tensor):
         if self.outer_pack is None:
             return _Kept(tensor)
-        packed = self.packed_by_outer.get(tensor)
-        if packed is None or packed.version != tensor._version:
-            packed = _PackedByOuterHooks(tensor, self.outer_pack, self.outer_unpack)
-            self.packed_by_outer[tensor] = packed
-        return packed
+        # The fused op's input goes to the outer hooks twice (for the op, and for the
+        # recipe), as often as the hooks would have seen it and its output without
+        # recompute(): some (a checkpoint's) let each packed tensor be unpacked once.
+        return _PackedByOuterHooks(tensor, self.outer_pack, self.outer_unpack)
 
 
 def _unpack(handle):
