@@ -323,3 +323,29 @@ def test_nested_blocks_and_session_closed():
         out_recomputed, x_recomputed = run(recomputed, x, True)
     assert memory.active_session() is None and memory.sessions_open == 0
     assert_same_results(plain, recomputed, x_plain, x_recomputed, out_plain, out_recomputed)
+
+
+@pytest.mark.slow
+def test_torch_compile_is_bypassed():
+    """Under torch.compile the blocks do nothing (compiled graphs keep what AOTAutograd
+    chose); a block around a compiled model still gives the same results."""
+    plain, recomputed, x = make_pair()
+    compiled_plain = torch.compile(plain)
+    out_plain, x_plain = run(compiled_plain, x, False)
+    compiled_wrapped = torch.compile(memory.recompute_activations(recomputed))
+    out_recomputed, x_recomputed = run(compiled_wrapped, x, True)
+    assert_same_results(plain, recomputed, x_plain, x_recomputed, out_plain, out_recomputed)
+
+
+def test_distributed_data_parallel(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        plain, recomputed, x = make_pair()
+        out_plain, x_plain = run(plain, x, False)
+        parallel = nn.parallel.DistributedDataParallel(memory.recompute_activations(recomputed))
+        out_recomputed, x_recomputed = run(parallel, x, False)
+    finally:
+        dist.destroy_process_group()
+    assert_same_results(plain, recomputed, x_plain, x_recomputed, out_plain, out_recomputed)
