@@ -3,7 +3,7 @@
 // layout canonicalization, allocation, the empty-batch rules and the running
 // statistics' update live here once; a backend supplies the loops as
 // `Kernels` (static functions with the signatures of cpu/batch_norm_kernel.h,
-// plus its update_running_stats) and registers
+// plus its update_running_stats and eval_stats) and registers
 // BatchNormOps<Kernels>::register_kernels in its TORCH_LIBRARY_IMPL block.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -92,13 +92,6 @@ struct BatchNormOps {
     return sum;
   }
 
-  // mean and invstd of running statistics (eval), as new tensors.
-  static void eval_stats(const Tensor& running_mean, const Tensor& running_var, double eps,
-                         Tensor& mean, Tensor& invstd) {
-    mean.copy_(running_mean.reshape({mean.numel()}));
-    at::rsqrt_out(invstd, running_var.reshape({invstd.numel()}).to(invstd.scalar_type()) + eps);
-  }
-
   // An empty batch, as PyTorch returns it before looking at the parameters:
   // an empty output and zero statistics; the running statistics stay as they
   // are (num_batches_tracked still counts the step, as in nn.BatchNorm).
@@ -153,7 +146,7 @@ struct BatchNormOps {
     Tensor invstd = channel_stat_like(input);
     const int64_t count = p.view.count();  // > 0: empty inputs returned above
     if (!training) {
-      eval_stats(*running_mean, *running_var, eps, mean, invstd);
+      Kernels::eval_stats(*running_mean, *running_var, eps, mean, invstd);
       Kernels::batch_norm_act_elemt_kernel(p.input, p.view, mean, invstd, p.weight, p.bias, act,
                                            res, output);
       return {output, mean, invstd};

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "autograd_records.h"
+#include "op_calls.h"
 
 namespace fused_bn {
 namespace {
@@ -24,15 +25,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-std::tuple<Tensor, Tensor> dropout_op(const Tensor& input, double p, const Tensor& seed_offset,
-                                      bool save_mask) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fused_bn::dropout", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, double, const Tensor&, bool)>();
-  return op.call(input, p, seed_offset, save_mask);
-}
 
 Tensor dropout_apply_mask_op(const Tensor& input, const Tensor& mask, double p) {
   static const auto op = c10::Dispatcher::singleton()
@@ -54,7 +46,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
                                const Tensor& seed_offset, bool save_mask) {
     auto [output, mask] = [&] {
       const at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return dropout_op(input, p, seed_offset, save_mask);
+      return call_dropout(input, p, seed_offset, save_mask);
     }();
     ctx->save_for_backward({save_mask ? mask : seed_offset});
     ctx->saved_data["p"] = p;
@@ -73,7 +65,7 @@ class DropoutFunction : public torch::autograd::Function<DropoutFunction> {
     const Tensor grad = with_strides(grads[0], ctx->saved_data["strides"].toIntVector());
     result[0] = ctx->saved_data["save_mask"].toBool()
                     ? dropout_apply_mask_op(grad, saved, p)
-                    : std::get<0>(dropout_op(grad, p, saved, /*save_mask=*/false));
+                    : std::get<0>(call_dropout(grad, p, saved, /*save_mask=*/false));
     return result;
   }
 };
@@ -107,7 +99,7 @@ std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p,
                                             const Tensor& seed_offset, bool save_mask) {
   if (!autograd_records({input})) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return dropout_op(input, p, seed_offset, save_mask);
+    return call_dropout(input, p, seed_offset, save_mask);
   }
   variable_list out = DropoutFunction::apply(input, p, seed_offset, save_mask);
   return {out[0], out[1]};

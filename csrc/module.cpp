@@ -5,6 +5,7 @@
 #include "batch_norm_common.h"
 #include "cpu/cpu_capability.h"
 #include "kernel_selection.h"
+#include "op_calls.h"
 
 #ifndef FUSED_BN_VERSION
 #define FUSED_BN_VERSION "unknown"
@@ -56,6 +57,32 @@ void check_batch_norm_call(const at::Tensor& input, const c10::optional<at::Tens
                                       activation_params, c10::nullopt, local_values_per_channel);
 }
 
+// Direct entry points for fused_bn/functional.py's fast path (plain tensors,
+// no torch function mode, not under torch.compile): the same ops through the
+// dispatcher, without torch.ops' boxed argument parsing, which costs more host
+// time than a whole small BatchNorm.
+fused_bn::BatchNormActResult batch_norm_act(const at::Tensor& input, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias,
+                                 const c10::optional<at::Tensor>& running_mean,
+                                 const c10::optional<at::Tensor>& running_var,
+                                 const c10::optional<at::Tensor>& num_batches_tracked,
+                                 bool training, c10::optional<double> momentum, double eps,
+                                 const std::string& activation,
+                                 const std::vector<double>& activation_params,
+                                 const c10::optional<at::Tensor>& residual) {
+  return fused_bn::call_batch_norm_act(input, weight, bias, running_mean, running_var,
+                                       num_batches_tracked, training, momentum, eps, activation,
+                                       activation_params, residual);
+}
+
+// Dropout's output, with its (seed, offset) drawn as fused_bn.functional draws
+// them (torch.randint on the input's device), so both paths give one stream.
+at::Tensor dropout_output(const at::Tensor& input, double p, bool save_mask) {
+  const at::Tensor seed_offset =
+      at::randint(int64_t(1) << 62, {2}, input.options().dtype(at::kLong));
+  return std::get<0>(fused_bn::call_dropout(input, p, seed_offset, save_mask));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -73,4 +100,9 @@ PYBIND11_MODULE(_C, m) {
         "Raises what fused_bn::batch_norm_act would raise for these arguments (residual aside), "
         "without computing anything; local_values_per_channel=False leaves out the check of "
         "values per channel (a synchronized step checks the global batch's).");
+  m.def("batch_norm_act", &batch_norm_act,
+        "fused_bn::batch_norm_act (output, mean, invstd), called directly (see "
+        "fused_bn/functional.py).");
+  m.def("dropout_output", &dropout_output,
+        "fused_bn::dropout's output with a freshly drawn (seed, offset), called directly.");
 }

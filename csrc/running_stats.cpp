@@ -10,6 +10,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <cmath>
+
 #include "fused_bn/running_stats.h"
 #include "running_stats.h"
 
@@ -129,6 +131,34 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
   }
   update_running_stats_general(running_mean, running_var, num_batches_tracked, mean, invstd,
                                momentum, eps, count);
+}
+
+void eval_stats_general(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                        at::Tensor& mean, at::Tensor& invstd) {
+  mean.copy_(running_mean.reshape({mean.numel()}));
+  // 1 / sqrt, each correctly rounded, as PyTorch's kernels (rsqrt may differ in the last bit).
+  at::reciprocal_out(invstd, at::sqrt(running_var.reshape({invstd.numel()}).to(invstd.scalar_type()) + eps));
+}
+
+void eval_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                    at::Tensor& mean, at::Tensor& invstd) {
+  const bool eligible = is_dense_cpu(running_mean) && is_dense_cpu(running_var) &&
+                        running_mean.scalar_type() == running_var.scalar_type();
+  if (!eligible) return eval_stats_general(running_mean, running_var, eps, mean, invstd);
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "eval_stats_cpu", [&] {
+    using acc_t = scalar_t;
+    acc_t* mean_out = mean.mutable_data_ptr<acc_t>();
+    acc_t* invstd_out = invstd.mutable_data_ptr<acc_t>();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, running_mean.scalar_type(),
+                                    "eval_stats_cpu", [&] {
+      const scalar_t* rmean = running_mean.const_data_ptr<scalar_t>();
+      const scalar_t* rvar = running_var.const_data_ptr<scalar_t>();
+      for (int64_t c = 0; c < mean.numel(); ++c) {
+        mean_out[c] = static_cast<acc_t>(rmean[c]);
+        invstd_out[c] = acc_t(1) / std::sqrt(static_cast<acc_t>(rvar[c]) + static_cast<acc_t>(eps));
+      }
+    });
+  });
 }
 
 void check_update_running_stats_op(const at::Tensor& running_mean, const at::Tensor& running_var,

@@ -37,6 +37,16 @@ void update_running_stats_cpu(at::Tensor& running_mean, at::Tensor& running_var,
                               const c10::optional<at::Tensor>& num_batches_tracked,
                               const at::Tensor& mean, const at::Tensor& invstd,
                               c10::optional<double> momentum, double eps, int64_t count);
+// Eval mode's statistics from the running ones: mean = running_mean and
+// invstd = 1 / sqrt(running_var + eps), as PyTorch computes them, into the C
+// elements of `mean` and `invstd` (the input's accumulation dtype). The
+// general version in ATen ops; the CPU one a loop over the channels (the
+// tensor ops cost more host time than the whole eval forward of a small batch).
+void eval_stats_general(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                        at::Tensor& mean, at::Tensor& invstd);
+void eval_stats_cpu(const at::Tensor& running_mean, const at::Tensor& running_var, double eps,
+                    at::Tensor& mean, at::Tensor& invstd);
+
 #ifdef FUSED_BN_WITH_CUDA
 void update_running_stats_cuda(at::Tensor& running_mean, at::Tensor& running_var,
                                const c10::optional<at::Tensor>& num_batches_tracked,

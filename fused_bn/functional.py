@@ -13,7 +13,7 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 
 from . import memory
-from ._ops import build_info, ops
+from ._ops import _C, build_info, ops
 from .activations import Activation, activation_of
 
 __all__ = ["batch_norm", "batch_norm_relu", "dropout"]
@@ -41,14 +41,37 @@ def _under_transform(tensors):
     return forward_ad._current_level >= 0 and _has_tangent(tensors)
 
 
-def _needs_composite(input, activation, residual, tensors):
-    """Whether to compute with PyTorch's ops instead of the fused op: under transforms
-    (see _under_transform), and for CUDA kernels not yet verified on a GPU (CUDA_KERNELS)."""
-    if input.is_cuda and CUDA_KERNELS != "next" and (
+# How a call runs (_route).
+_COMPOSITE = "composite"  # PyTorch's own ops (_composite_batch_norm)
+_OP = "op"  # torch.ops.fused_bn: what torch.compile traces, and tensor subclasses and modes see
+_DIRECT = "direct"  # the same op through fused_bn._C, without torch.ops' argument parsing
+
+def _direct_call_allowed(tensors):
+    """Whether the op may skip torch.ops: a torch function mode or a tensor subclass that
+    overrides __torch_function__ sees torch.ops calls only. (torch's own check: exact
+    tensors and Parameters do not; dispatch modes and subclasses, such as fake tensors,
+    see the direct call as well.)"""
+    return not torch._C._has_torch_function(tensors)
+
+
+def _cuda_kernels_unverified(input, activation, residual):
+    """Whether this call would run CUDA kernels not yet verified on a GPU (CUDA_KERNELS)."""
+    return input.is_cuda and CUDA_KERNELS != "next" and (
         residual is not None or activation.name not in _CUDA_VERIFIED_ACTIVATIONS
-    ):
-        return True
-    return _under_transform(tensors)
+    )
+
+
+def _route(input, activation, residual, tensors):
+    """Composite for unverified CUDA kernels and under transforms (_under_transform);
+    torch.ops under torch.compile, torch function modes and tensor subclasses; else the
+    direct call."""
+    if input.is_cuda and _cuda_kernels_unverified(input, activation, residual):
+        return _COMPOSITE
+    if torch.compiler.is_compiling():
+        return _OP
+    if _under_transform(tensors):
+        return _COMPOSITE
+    return _DIRECT if _direct_call_allowed(tensors) else _OP
 
 
 def _composite_batch_norm(
@@ -91,19 +114,21 @@ def _batch_norm(
 ):
     """The fused op for an already resolved ``activation`` (an Activation); the op checks
     everything else, and updates the running statistics in training."""
-    if _needs_composite(input, activation, residual,
-                        (input, weight, bias, residual, running_mean, running_var)):
+    tensors = (input, weight, bias, residual, running_mean, running_var, num_batches_tracked)
+    route = _route(input, activation, residual, tensors)
+    if route == _COMPOSITE:
         return _composite_batch_norm(
             input, running_mean, running_var, weight, bias, training, momentum, eps, activation,
             residual, num_batches_tracked,
         )
-    # The overload itself (.default): each call through the packet costs more host time.
-    output, mean, invstd = ops.batch_norm_act.default(
+    # torch.ops: the overload itself (.default), as the packet costs more host time.
+    call = _C.batch_norm_act if route == _DIRECT else ops.batch_norm_act.default
+    output, mean, invstd = call(
         input, weight, bias, running_mean, running_var, num_batches_tracked, training, momentum,
         eps, activation.name, activation.params, residual,
     )
     # Under memory.recompute(), later layers that save this output get a recipe instead.
-    if memory.sessions_open and residual is None and not torch.compiler.is_compiling():
+    if memory.sessions_open and residual is None and route == _DIRECT:
         memory.register(output, input, weight, bias, mean, invstd, activation)
     return output
 
@@ -210,11 +235,13 @@ def dropout(input, p=0.5, training=True, inplace=False, mask_mode=DEFAULT_DROPOU
     _check_dropout_dtype(input)
     if p == 0.0 or input.numel() == 0:
         return input
-    seed_offset = _dropout_seed_offset(input.device)
+    save_mask = mask_mode == "bits"
     if inplace and not (torch.is_grad_enabled() and input.requires_grad):
-        ops.dropout_(input, p, seed_offset)
+        ops.dropout_.default(input, p, _dropout_seed_offset(input.device))
         return input
-    output, _mask = ops.dropout(input, p, seed_offset, mask_mode == "bits")
+    if not inplace and not torch.compiler.is_compiling() and _direct_call_allowed((input,)):
+        return _C.dropout_output(input, p, save_mask)
+    output, _mask = ops.dropout.default(input, p, _dropout_seed_offset(input.device), save_mask)
     if inplace:
         # Writing the result into the input records the mutation with autograd
         # (version counter, leaf check, rebased history) as nn.Dropout(inplace=True).

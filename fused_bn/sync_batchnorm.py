@@ -22,7 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import _C
 from ._ops import accumulate_dtype, ops
-from .functional import _needs_composite, _under_transform
+from .functional import _cuda_kernels_unverified, _under_transform
 from .modules import _BatchNormAct
 
 __all__ = ["SyncBatchNorm", "SyncBatchNormReLU", "communicated_bytes", "convert_sync_batchnorm"]
@@ -58,7 +58,7 @@ def _agree_on_the_step(module, input, running_mean, running_var, group, world_si
     agree on their sizes and dtypes."""
     error = None
     try:
-        if _needs_composite(input, module.activation, None, ()):
+        if _cuda_kernels_unverified(input, module.activation, None):
             raise NotImplementedError(
                 f"{type(module).__name__}: activation {module.activation} on CUDA needs "
                 "FUSED_BN_CUDA_KERNELS=next in a synchronized step (its kernels have not "

@@ -296,9 +296,9 @@ def test_fx_trace_of_a_lone_fused_module_says_why():
 
 @pytest.mark.parametrize("name", TORCHVISION)
 def test_create_feature_extractor_names_match_the_original(name):
+    original, fused, x = copy.deepcopy(_BUILT.get(name) or build(name))  # skips without torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    original, fused, x = copy.deepcopy(_BUILT.get(name) or build(name))
     nodes = {"resnet18": ["bn1", "layer1.0.bn2", "layer4"],
              "mobilenet_v2": ["features.1.conv.2", "features.18"]}[name]
     extracted = create_feature_extractor(fused, return_nodes=nodes)(x)

@@ -20,6 +20,7 @@ struct CpuKernels {
       &cpu::batch_norm_act_backward_elemt_kernel;
   static constexpr auto batch_norm_act_backward_kernel = &cpu::batch_norm_act_backward_kernel;
   static constexpr auto update_running_stats = &update_running_stats_cpu;
+  static constexpr auto eval_stats = &eval_stats_cpu;
 };
 
 }  // namespace
