@@ -12,7 +12,7 @@ CPU allocator's events in torch.profiler; CUDA: torch.cuda.max_memory_allocated)
 Models: the seed examples' MLP and CNN (examples/mlp_batchnorm.py,
 examples/cnn_batchnorm.py, written with PyTorch's modules) and, where
 torchvision is installed, its resnet18, resnet50, mobilenet_v2,
-efficientnet_b0 and densenet121.
+efficientnet_b0, densenet121, vgg11_bn and regnet_x_400mf.
 
     python -m benchmarks.models                       # the default models
     python -m benchmarks.models --models resnet50 --batch 32 --size 224
@@ -58,9 +58,16 @@ def _fused(model):
     return model, f"{batch_norms} BN converted, {len(conversion.fused)} with ReLU"
 
 
+def _fused_recompute(model):
+    model, note = _fused(model)
+    return fused_bn.recompute_activations(model), note + ", outputs recomputed"
+
+
 VARIANTS = {v.name: v for v in [
     Variant("eager", "the model as built, PyTorch's modules", lambda model: (model, "")),
     Variant("fused", "fused_bn.convert_model(model)", _fused),
+    Variant("recompute", "fused_bn.recompute_activations(fused_bn.convert_model(model))",
+            _fused_recompute),
     Variant("compile", "torch.compile(model), eager modules", lambda model: (
         torch.compile(model), ""), compiled=True),
 ]}
@@ -103,9 +110,11 @@ MODELS = {
     "mlp": Model(seed_mlp, lambda batch, size: (batch, 64), 10, 32),
     "cnn": Model(seed_cnn, lambda batch, size: (batch, 1, 8, 8), 10, 32),
     **{name: _torchvision(name) for name in
-       ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")},
+       ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg11_bn",
+        "regnet_x_400mf")},
 }
-VISION = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121")
+VISION = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg11_bn",
+          "regnet_x_400mf")
 DEFAULT_MODELS = ("mlp", "cnn", "resnet18", "resnet50", "mobilenet_v2")
 
 

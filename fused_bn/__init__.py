@@ -4,16 +4,18 @@ Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d, BatchNormAct1d/2d/3d
 Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
 Whole models:     fused_bn.convert_model, fused_bn.revert_model
+Memory:           fused_bn.recompute_activations, fused_bn.memory.recompute (docs/memory.md)
 Deployment:       fused_bn.fold_batch_norm, fused_bn.fuse_custom_config (docs/deploy.md)
 Operators:        torch.ops.fused_bn.*
 """
 
-from . import functional
+from . import functional, memory
 from ._ops import build_info
 from .activations import Activation
 from .convert import ConversionReport, convert_model
 from .dropout import Dropout
 from .fold import fold_batch_norm, fuse_custom_config
+from .memory import recompute_activations
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -50,6 +52,8 @@ __all__ = [
     "fold_batch_norm",
     "fuse_custom_config",
     "functional",
+    "memory",
+    "recompute_activations",
     "revert_model",
     "__version__",
 ]
