@@ -38,7 +38,7 @@ if [ ! -x "$PY" ]; then
   python3 -m venv "$VENV"
 fi
 "$PY" -m pip install --isolated --quiet --disable-pip-version-check \
-  torch==2.13.0 numpy pytest expecttest setuptools wheel ninja
+  torch==2.13.0 numpy pytest hypothesis expecttest setuptools wheel ninja
 "$PY" - <<'EOF'
 import torch
 assert torch.version.cuda is not None, f"torch {torch.__version__} is not a CUDA build"

@@ -3,7 +3,8 @@
 Drop-in modules:  BatchNorm1d/2d/3d, BatchNormReLU1d/2d/3d, BatchNormAct1d/2d/3d, Dropout
 Distributed:      SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 Functional API:   fused_bn.functional
-Whole models:     fused_bn.convert_model
+Whole models:     fused_bn.convert_model, fused_bn.revert_model
+Deployment:       fused_bn.fold_batch_norm, fused_bn.fuse_custom_config (docs/deploy.md)
 Operators:        torch.ops.fused_bn.*
 """
 
@@ -12,6 +13,7 @@ from ._ops import build_info
 from .activations import Activation
 from .convert import ConversionReport, convert_model
 from .dropout import Dropout
+from .fold import fold_batch_norm, fuse_custom_config
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -23,6 +25,7 @@ from .modules import (
     BatchNormReLU2d,
     BatchNormReLU3d,
 )
+from .revert import revert_model
 from .sync_batchnorm import SyncBatchNorm, SyncBatchNormReLU, convert_sync_batchnorm
 from .version import __version__
 
@@ -44,6 +47,9 @@ __all__ = [
     "build_info",
     "convert_model",
     "convert_sync_batchnorm",
+    "fold_batch_norm",
+    "fuse_custom_config",
     "functional",
+    "revert_model",
     "__version__",
 ]

@@ -1,7 +1,8 @@
 """Drop-in Dropout module."""
 
-from torch import nn
+from torch import fx, nn
 
+from . import deploy
 from .functional import DEFAULT_DROPOUT_MASK_MODE, DROPOUT_MASK_MODES, dropout
 
 __all__ = ["Dropout"]
@@ -18,7 +19,12 @@ class Dropout(nn.Dropout):
             raise ValueError(f"mask_mode must be one of {DROPOUT_MASK_MODES}, got {mask_mode!r}")
         self.mask_mode = mask_mode
 
+    # Deployment tools: see fused_bn/deploy.py.
+    __prepare_scriptable__ = deploy.refuse_scripting
+
     def forward(self, input):
+        if isinstance(input, fx.Proxy):
+            return deploy.fx_leaf_call(self, input, None)
         return dropout(input, self.p, self.training, self.inplace, self.mask_mode)
 
     def extra_repr(self):

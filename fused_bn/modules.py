@@ -13,11 +13,12 @@ arguments, parameters, buffers, ``state_dict`` keys, ``reset_parameters`` and
 
 from typing import Optional
 
-from torch import nn
+from torch import fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import deploy
 from .activations import activation_of
-from .functional import _batch_norm
+from .functional import _batch_norm, _composite_batch_norm
 
 __all__ = [
     "BatchNorm1d",
@@ -42,6 +43,9 @@ class _BatchNormAct(_BatchNorm):
     """
 
     default_activation = "relu"
+    # Deployment tools: see fused_bn/deploy.py.
+    eps = deploy.GuardedEps(lambda m: m.activation.name != "identity" and m.activation)
+    __prepare_scriptable__ = deploy.refuse_scripting
 
     def __init__(
         self,
@@ -68,6 +72,8 @@ class _BatchNormAct(_BatchNorm):
         )
 
     def forward(self, input, residual=None):
+        if isinstance(input, fx.Proxy):
+            return deploy.fx_leaf_call(self, input, residual)
         self._check_input_dim(input)
         # Same decisions as torch's _BatchNorm.forward; the fused op updates
         # num_batches_tracked and the running statistics itself, once every
@@ -75,7 +81,9 @@ class _BatchNormAct(_BatchNorm):
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = self.training and self.track_running_stats
         use_buffers = not self.training or self.track_running_stats
-        return _batch_norm(
+        # Exported programs get torch's own ops (fused_bn/deploy.py).
+        exported = not self.training and deploy.exporting()
+        return (_composite_batch_norm if exported else _batch_norm)(
             input,
             self.running_mean if use_buffers else None,
             self.running_var if use_buffers else None,
@@ -83,7 +91,7 @@ class _BatchNormAct(_BatchNorm):
             self.bias,
             bn_training,
             self.momentum,
-            self.eps,
+            self.__dict__["eps"],  # the value itself, without GuardedEps's check of the caller
             self.activation,
             residual,
             self.num_batches_tracked if track else None,
