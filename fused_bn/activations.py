@@ -8,11 +8,15 @@ exactly what its PyTorch module computes, in value and gradient
 
 import dataclasses
 import math
+import numbers
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ACTIVATIONS", "Activation", "activation_of", "module_activation"]
+__all__ = [
+    "ACTIVATIONS", "Activation", "activation_of", "call_activation", "module_activation",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,3 +127,50 @@ def module_activation(module):
     """The :class:`Activation` a PyTorch module instance computes, or None when it is not
     one fused_bn can fuse (exact types only)."""
     return _from_module(module)
+
+
+# The functions and Tensor methods that compute an activation (as torch.fx records them in
+# call_function / call_method nodes): the activation's name and the names of the arguments
+# that follow the input, in the function's order.
+_FUNCTIONS = {
+    F.relu: ("relu", ("inplace",)),
+    torch.relu: ("relu", ()),
+    torch.relu_: ("relu", ()),  # also F.relu_
+    F.relu6: ("relu6", ("inplace",)),
+    F.hardtanh: ("hardtanh", ("min_val", "max_val", "inplace")),
+    F.hardtanh_: ("hardtanh", ("min_val", "max_val")),
+    F.leaky_relu: ("leaky_relu", ("negative_slope", "inplace")),
+    F.leaky_relu_: ("leaky_relu", ("negative_slope",)),
+    F.silu: ("silu", ("inplace",)),
+    F.hardswish: ("hardswish", ("inplace",)),
+    F.elu: ("elu", ("alpha", "inplace")),
+    F.elu_: ("elu", ("alpha",)),
+}
+_METHODS = {"relu": ("relu", ()), "relu_": ("relu", ())}
+
+
+def call_activation(op, target, args, kwargs):
+    """The :class:`Activation` a call computes from its first argument: ``op`` is
+    ``"call_function"`` (``target`` the function) or ``"call_method"`` (``target`` the
+    Tensor method's name), ``args``/``kwargs`` as called. None when the call is not one
+    fused_bn fuses, or its parameters are not plain numbers (e.g. computed in the graph)."""
+    table = _FUNCTIONS if op == "call_function" else _METHODS if op == "call_method" else {}
+    try:
+        name, argument_names = table.get(target, (None, ()))
+    except TypeError:  # an unhashable target
+        return None
+    if name is None or not args or len(args) - 1 > len(argument_names):
+        return None
+    values = dict(zip(argument_names, args[1:]))
+    if set(kwargs) - set(argument_names) or set(kwargs) & set(values):
+        return None
+    values.update(kwargs)
+    inplace = values.pop("inplace", False)
+    if not isinstance(inplace, bool):
+        return None
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values.values()):
+        return None
+    try:
+        return Activation.of(name, **values)
+    except ValueError:  # e.g. hardtanh with max_val <= min_val: the call itself fails
+        return None

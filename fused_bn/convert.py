@@ -1,59 +1,74 @@
 """``convert_model``: put fused_bn modules into an existing model in one call.
 
-Every ``nn.BatchNorm1d/2d/3d`` that is immediately followed by a ReLU becomes a
-``BatchNormReLUXd``, every other one a ``fused_bn.BatchNormXd``, and (optionally)
-every ``nn.Dropout`` a ``fused_bn.Dropout``.
+Every BatchNorm becomes a fused_bn module, with the activation that follows it
+and the residual add before that activation fused in where the model's code
+allows it; ``nn.Dropout`` becomes ``fused_bn.Dropout``. docs/convert.md explains
+how; in short:
 
-How BN -> ReLU pairs are found
-    Each module that has children is traced with ``torch.fx`` one level deep (its
-    children are leaves), so a pair is found where one ``forward`` calls the BN
-    child and applies a ReLU to its output: ``self.relu(self.bn(x))``,
-    ``F.relu(self.bn(x))``, ``torch.relu(...)``, ``.relu()``, and adjacent
-    ``nn.Sequential`` children. A pair is fused only when the graph allows it: the
-    BN output has no other user, nothing runs in between (e.g. a residual add),
-    the BN and ReLU modules are each called once and registered once, and neither
-    has hooks. A module that does not trace (data-dependent control flow), whose
-    forward takes optional arguments, or whose trace differs between train and
-    eval mode is not fused: its layers are replaced one for one, with a warning.
+1. Each module with children is traced with ``torch.fx`` one level deep (its
+   children are leaves), without running anything for real (_convert_trace).
+2. From each BatchNorm's call its output is followed through the graphs: up
+   into the caller's forward, into a child's forward, through ``nn.Identity``,
+   to an activation module, function or method, and through one residual add
+   (_convert_fusion). Every value on the way must have a single user, and the
+   modules involved must be called once and have no hooks.
+3. The BatchNorm becomes ``BatchNormXd``, ``BatchNormReLUXd`` or
+   ``BatchNormActXd(activation=...)`` (taking over its Parameters and buffers);
+   a fused activation module called only there becomes ``nn.Identity``; a
+   forward that must change (a functional or shared activation, a residual add)
+   gets a generated subclass of its class with the edited graph as forward
+   (_convert_rewrite). Classes, names and ``state_dict`` keys stay as they were.
 
-How the model is rewritten (why it stays a drop-in)
-    The model keeps its classes, attributes and ``state_dict`` keys: modules are
-    swapped in place, the new BN modules take over the old ``Parameter`` objects
-    and buffers (so an optimizer built on an ``inplace=True`` model still works),
-    and a fused ``nn.ReLU`` child becomes ``nn.Identity`` (stateless, so indices of
-    an ``nn.Sequential`` and all keys stay the same). Only where a *functional*
-    ReLU was fused does a module's ``forward`` change: that one module gets a
-    subclass of its own class whose ``forward`` is the traced graph without the
-    ReLU (``isinstance`` still holds; pickling and ``copy.deepcopy`` re-derive it).
-    Returning a ``torch.fx.GraphModule`` instead would change the model's class and
-    drop its methods and attributes.
+The :class:`ConversionReport` says, for every BatchNorm, what it became and
+why what follows it was not fused.
 """
 
 import copy
-import inspect
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import modules as fused
+from ._convert_fusion import (
+    Chain,
+    describe,
+    describe_value,
+    qualified,
+    resolve_shared_adds,
+    walk,
+)
+from ._convert_rewrite import (
+    drop_node,
+    fuse_residual,
+    inline,
+    install,
+    swap_modules,
+    take_over,
+)
+from ._convert_trace import ModelIndex, Site, has_hooks, trace
+from .activations import Activation, module_activation
 from .dropout import Dropout as FusedDropout
 
-__all__ = ["ConversionReport", "convert_model"]
+__all__ = ["BatchNormOutcome", "ConversionReport", "Fusion", "Replacement", "convert_model"]
 
 # Exact types only: a user subclass of nn.BatchNorm2d may have its own forward.
-_BATCH_NORM = {
-    nn.BatchNorm1d: (fused.BatchNorm1d, fused.BatchNormReLU1d),
-    nn.BatchNorm2d: (fused.BatchNorm2d, fused.BatchNormReLU2d),
-    nn.BatchNorm3d: (fused.BatchNorm3d, fused.BatchNormReLU3d),
+_PLAIN = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3}
+# BatchNorm subclasses known to compute act(drop(batch_norm(x))) with `drop` and `act`
+# children, by (module, class name): never imported, never traced.
+_BATCH_NORM_ACT = {("timm.layers.norm_act", "BatchNormAct2d"): 2}
+_FUSED = {
+    1: (fused.BatchNorm1d, fused.BatchNormReLU1d, fused.BatchNormAct1d),
+    2: (fused.BatchNorm2d, fused.BatchNormReLU2d, fused.BatchNormAct2d),
+    3: (fused.BatchNorm3d, fused.BatchNormReLU3d, fused.BatchNormAct3d),
 }
-_FUSED_BATCH_NORM_RELU = tuple(fused_relu for _, fused_relu in _BATCH_NORM.values())
-_RELU_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_}
-_RELU_METHODS = {"relu", "relu_"}
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_IDENTITY = Activation()
+
+
+# ---- the report -------------------------------------------------------------------
 
 
 @dataclass
@@ -63,26 +78,322 @@ class Replacement:
     new_type: str
 
 
+@dataclass(frozen=True)
+class Fusion:
+    """What was fused into one BatchNorm.
+
+    ``activation``: the activation it now applies (``"identity"`` when only an add was
+    fused); ``site``: where that activation was (a module, a function call in a forward,
+    or the layer's own ``act``); ``residual``: the other operand of the residual add it
+    now takes (``bn(x, residual)``), ``""`` when none.
+    """
+
+    batch_norm: str
+    activation: str
+    site: str = ""
+    residual: str = ""
+
+    def __str__(self):
+        parts = [f"add of {self.residual}"] if self.residual else []
+        if self.activation != "identity":
+            parts.append(f"{self.activation} from {self.site}")
+        return ", ".join(parts)
+
+
+@dataclass
+class BatchNormOutcome:
+    """One BatchNorm of the model: its type before and after, what was fused into it, and
+    ``note``: why what follows it was not fused (or why it was left as it was)."""
+
+    name: str
+    old_type: str
+    new_type: str
+    converted: bool
+    fusion: Optional[Fusion] = None
+    note: str = ""
+
+    def __str__(self):
+        new = f"fused_bn.{self.new_type}" if self.converted else "left as it is"
+        text = f"{self.name or '<model>'}: {self.old_type} -> {new}"
+        if self.fusion is not None:
+            text += f", {self.fusion}"
+        return f"{text}; {self.note}" if self.note else text
+
+
 @dataclass
 class ConversionReport:
     """What ``convert_model`` did.
 
-    ``replaced``: one ``Replacement`` per module swapped (BN, fused-away ReLU, Dropout).
-    ``fused``: ``(batch_norm_name, relu)`` pairs, ``relu`` being the ReLU module's
-    name or a description of the functional call. ``warnings``: modules where
-    nothing could be fused, and why (also issued with ``warnings.warn``).
+    ``batch_norms``: one :class:`BatchNormOutcome` per BatchNorm of the model, in
+    ``named_modules`` order. ``fused``: one :class:`Fusion` per BatchNorm that took an
+    activation or a residual add. ``replaced``: one :class:`Replacement` per module swapped
+    (BatchNorms, activation modules that became ``nn.Identity``, Dropout). ``rewritten``:
+    the modules whose forward was rewritten, as ``"name (Class)"``. ``warnings``: also
+    issued with ``warnings.warn``.
     """
 
     replaced: list = field(default_factory=list)
     fused: list = field(default_factory=list)
+    batch_norms: list = field(default_factory=list)
+    rewritten: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
 
+    @property
+    def activations_fused(self):
+        return sum(f.activation != "identity" for f in self.fused)
+
+    @property
+    def residuals_fused(self):
+        return sum(bool(f.residual) for f in self.fused)
+
     def __str__(self):
-        lines = [f"{len(self.replaced)} modules replaced, {len(self.fused)} BN->ReLU pairs fused"]
-        lines += [f"  {r.name or '<model>'}: {r.old_type} -> {r.new_type}" for r in self.replaced]
-        lines += [f"  fused {bn} + {relu}" for bn, relu in self.fused]
+        converted = sum(b.converted for b in self.batch_norms)
+        lines = [
+            f"convert_model: {len(self.batch_norms)} BatchNorm layers, {converted} converted; "
+            f"{self.activations_fused} fused with an activation, {self.residuals_fused} with "
+            f"a residual add; {len(self.rewritten)} forwards rewritten"
+        ]
+        lines += [f"  {b}" for b in self.batch_norms]
+        batch_norms = {b.name for b in self.batch_norms}
+        others = [r for r in self.replaced if r.name not in batch_norms]
+        lines += [f"  {r.name or '<model>'}: {r.old_type} -> {r.new_type}" for r in others]
+        if self.rewritten:
+            lines.append(f"  forward rewritten: {', '.join(self.rewritten)}")
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+# ---- the BatchNorm layers ------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One BatchNorm during conversion. ``dims`` 0: left as it is (``note`` says why);
+    ``own``: the activation inside it (timm's BatchNormAct2d), None for a plain one."""
+
+    name: str
+    module: nn.Module
+    dims: int = 0
+    own: Optional[Activation] = None
+    note: str = ""
+    chain: Optional[Chain] = None
+
+    def activation(self):
+        if self.own is not None and self.own != _IDENTITY:
+            return self.own
+        if self.chain is not None and self.chain.activation is not None:
+            return self.chain.activation
+        return _IDENTITY
+
+
+def _batch_norm_act_parts(module):
+    """The activation of a known BatchNorm+activation module, or the reason it is kept."""
+    if set(module._modules) != {"drop", "act"}:
+        return None, "it has other submodules than drop and act"
+    drop, act = module.drop, module.act
+    if type(drop) is not nn.Identity:
+        return None, f"its drop ({type(drop).__name__}) runs between BatchNorm and activation"
+    if has_hooks(drop) or has_hooks(act):
+        return None, "its drop or act module has hooks"
+    own = _IDENTITY if type(act) is nn.Identity else module_activation(act)
+    if own is None:
+        return None, f"its activation {type(act).__name__} is not one fused_bn fuses"
+    return own, ""
+
+
+def _layer(name, module):
+    cls = type(module)
+    if cls in _PLAIN:
+        return _Layer(name, module, _PLAIN[cls])
+    if isinstance(module, fused._BatchNormAct):
+        return _Layer(name, module, note="already a fused_bn module")
+    dims = _BATCH_NORM_ACT.get((cls.__module__, cls.__name__))
+    if dims is not None:
+        own, reason = _batch_norm_act_parts(module)
+        return _Layer(name, module, dims if own else 0, own, reason)
+    if isinstance(module, nn.SyncBatchNorm):
+        return _Layer(name, module, note="SyncBatchNorm is left as it is")
+    return _Layer(name, module, note=f"a subclass of {cls.__mro__[1].__name__} (its own code): "
+                  "left as it is")
+
+
+def _follow(index, layer):
+    """Find what can be fused after ``layer`` (sets ``layer.chain`` or ``layer.note``)."""
+    if not layer.dims or layer.activation() != _IDENTITY:
+        return
+    if has_hooks(layer.module):
+        layer.note = "it has hooks: nothing fused into it"
+        return
+    call, reason = index.unique_call(layer.module)
+    if call is None:
+        layer.note = f"nothing fused into it: it is {reason}"
+        return
+    layer.chain = Chain(layer.module, layer.name, call)
+    walk(index, layer.chain)
+
+
+# ---- which graphs change ------------------------------------------------------------
+
+
+@dataclass
+class _Edits:
+    """The edits of one traced module's graph. Its inlined children's own edits are
+    replayed where they are inlined."""
+
+    inlines: list = field(default_factory=list)  # (call Site, child Traced)
+    residuals: list = field(default_factory=list)  # chains
+    drops: list = field(default_factory=list)  # activation Sites
+    summary: list = field(default_factory=list)
+
+
+def _same_call(index, module, site):
+    call, _ = index.unique_call(module)
+    return call is not None and call.node is site.node
+
+
+def _plan_edits(index, layers):
+    """{Traced: _Edits} and the ids of activation modules that become nn.Identity."""
+    edits, identities = {}, set()
+    for layer in layers:
+        chain = layer.chain
+        if chain is None or not chain.fused:
+            continue
+        act_module = chain.act_site.module() if chain.act_site is not None else None
+        drop = chain.act_site is not None and not (
+            act_module is not None and _same_call(index, act_module, chain.act_site))
+        owners = ([chain.add.traced] if chain.add is not None else []) + (
+            [chain.act_site.traced] if drop else [])
+        rewritten = [o for o in owners if hasattr(o.module, "_fused_bn_rewrite")]
+        if rewritten:
+            chain.cancel(f"fusing it would change {rewritten[0]}, whose forward convert_model "
+                         "already rewrote")
+            continue
+        if chain.add is not None:
+            mine = edits.setdefault(chain.add.traced, _Edits())
+            mine.inlines += [(call, index.traced[id(call.module())]) for call in
+                             reversed(chain.inlines)]
+            mine.residuals.append(chain)
+            mine.summary.append(f"{_relative(chain.add.traced, layer.name)} takes the residual add")
+        if drop:
+            mine = edits.setdefault(chain.act_site.traced, _Edits())
+            mine.drops.append(chain.act_site)
+            mine.summary.append(f"{_site_text(index, chain.act_site, short=True)} -> "
+                                f"{_relative(chain.act_site.traced, layer.name)}")
+        elif act_module is not None:
+            identities.add(id(act_module))
+    return edits, identities
+
+
+def _relative(traced, name):
+    prefix = f"{traced.name}." if traced.name else ""
+    return name[len(prefix):] if name.startswith(prefix) else name
+
+
+def _site_text(index, site, short=False):
+    module = site.module()
+    if module is None:
+        return describe(site).split(" in ")[0] if short else describe(site)
+    name = _relative(site.traced, qualified(site.traced, site.node.target)) if short else (
+        qualified(site.traced, site.node.target))
+    calls = index.call_sites[id(module)]
+    if len(calls) > 1:
+        number = next(i for i, c in enumerate(calls, 1) if c.node is site.node)
+        name += f" (call {number} of {len(calls)})"
+    return name
+
+
+# ---- building the new forwards --------------------------------------------------------
+
+
+def _replay(traced, graph, mapping, edits, steps):
+    """Apply ``traced``'s edits (and those of the children it inlines) to ``graph``, whose
+    nodes ``mapping`` gives for the analysed nodes; records each edit in ``steps``."""
+    mine = edits.get(traced)
+    if mine is None:
+        return
+    for call, child in mine.inlines:
+        node = mapping[call.node]
+        steps.append(("inline", node.name))
+        new = inline(graph, node, child.module)
+        mapping.update({n: new[n.name] for n in child.graph.nodes if n.name in new})
+        _replay(child, graph, mapping, edits, steps)
+    for chain in mine.residuals:
+        batch_norm, add = mapping[chain.start.node], mapping[chain.add.node]
+        steps.append(("residual", batch_norm.name, add.name, chain.operand))
+        fuse_residual(graph, batch_norm, add, chain.operand)
+    for site in mine.drops:
+        node = mapping[site.node]
+        steps.append(("drop", node.name))
+        drop_node(graph, node)
+
+
+def _rewrite(traced, edits):
+    graph, reason = trace(traced.module, original=True)
+    if graph is None:  # traced a moment ago: only a forward that changes in between fails
+        raise RuntimeError(f"convert_model: {traced} no longer traces: {reason}")
+    by_name = {node.name: node for node in graph.nodes}
+    mapping = {node: by_name[node.name] for node in traced.graph.nodes}
+    steps = []
+    _replay(traced, graph, mapping, edits, steps)
+    graph.lint()
+    install(traced.module, graph, steps, "; ".join(edits[traced].summary))
+
+
+# ---- convert_model ---------------------------------------------------------------------
+
+
+def _new_batch_norm(layer):
+    old, activation = layer.module, layer.activation()
+    plain, relu, general = _FUSED[layer.dims]
+    kwargs = dict(eps=old.eps, momentum=old.momentum, affine=old.affine,
+                  track_running_stats=old.track_running_stats,
+                  device="meta")  # placeholders only: the old tensors are taken over
+    if activation == _IDENTITY:
+        new = plain(old.num_features, **kwargs)
+    elif activation.name == "relu":
+        new = relu(old.num_features, **kwargs)
+    else:
+        new = general(old.num_features, **kwargs, activation=activation)
+    return take_over(new, old)
+
+
+def _outcome(index, layer, new):
+    chain = layer.chain
+    fusion = None
+    if layer.own is not None and layer.own != _IDENTITY:
+        fusion = Fusion(layer.name, str(layer.own), f"{layer.name}.act")
+    elif chain is not None and chain.fused:
+        site = _site_text(index, chain.act_site) if chain.act_site is not None else ""
+        residual = ""
+        if chain.add is not None:
+            other = chain.add.node.args[1 - chain.operand]
+            residual = describe_value(Site(chain.add.traced, other))
+        fusion = Fusion(layer.name, str(layer.activation()), site, residual)
+    note = layer.note if chain is None or chain.activation is not None else chain.stop
+    new_type = type(new).__name__ if new is not None else type(layer.module).__name__
+    return BatchNormOutcome(layer.name, type(layer.module).__name__, new_type, new is not None,
+                            fusion, note)
+
+
+def _warn(report, message):
+    report.warnings.append(message)
+    warnings.warn(message, stacklevel=3)
+
+
+def _warnings(index, layers, report):
+    blocked = {}
+    for layer in layers:
+        for caller in index.callers(layer.module) if layer.dims else ():
+            if id(caller) in index.untraced:
+                blocked[id(caller)] = caller
+    for caller in blocked.values():
+        _warn(report, f"convert_model: {index.name(caller)} ({type(caller).__name__}) could "
+              f"not be traced because {index.untraced[id(caller)]}; the BatchNorm layers it "
+              "calls were converted without fusion")
+    convertible = [layer for layer in layers if layer.dims]
+    if convertible and not report.fused:
+        _warn(report, f"convert_model: none of the model's {len(convertible)} BatchNorm layers "
+              "could be fused with what follows it (see the report, return_report=True)")
 
 
 def convert_model(model, *, inplace=False, dropout=True, return_report=False):
@@ -96,252 +407,43 @@ def convert_model(model, *, inplace=False, dropout=True, return_report=False):
         return_report: return ``(model, ConversionReport)`` instead of the model.
 
     Parameters, buffers, train/eval mode, device, dtype and ``requires_grad``
-    carry over; ``state_dict`` keys are unchanged. Modules that already are
-    fused_bn modules, ``SyncBatchNorm`` and subclasses of ``nn.BatchNormXd`` are
-    left alone.
+    carry over; ``state_dict`` keys are unchanged; nothing of the model runs for real
+    (no buffer changes). Modules that already are fused_bn modules, ``SyncBatchNorm``
+    and unknown subclasses of ``nn.BatchNormXd`` are left alone.
     """
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("convert_model does not support TorchScript modules")
     if not inplace:
         model = copy.deepcopy(model)
     report = ConversionReport()
-    graphs = _trace_containers(model, report)
-    relus_to_drop = _find_fusions(model, graphs, report)
-    replacements = _new_modules(model, relus_to_drop, report, dropout)
-    model = _swap_modules(model, replacements)
-    containers = {id(c): c for c, node in relus_to_drop.values() if node.op != "call_module"}
-    for container in containers.values():
-        _install_forward_without_redundant_relus(container)
-    return (model, report) if return_report else model
+    layers = [_layer(name, m) for name, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    index = ModelIndex(model, is_leaf=lambda m: isinstance(m, _BatchNorm))
+    for layer in layers:
+        _follow(index, layer)
+    resolve_shared_adds([layer.chain for layer in layers if layer.chain is not None])
+    edits, identities = _plan_edits(index, layers)
 
-
-# ---- tracing ----------------------------------------------------------------
-
-
-class _OneLevelTracer(fx.Tracer):
-    """Records calls to submodules instead of tracing into them."""
-
-    def is_leaf_module(self, module, qualified_name):
-        return True
-
-
-def _trace(module):
-    """The one-level fx graph of ``module``'s forward, or the reason there is none."""
-    if "forward" in vars(module):
-        return None, "its forward is set on the instance"
-    parameters = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    if any(p.default is not p.empty or p.kind != p.POSITIONAL_OR_KEYWORD for p in parameters):
-        return None, "its forward takes optional or variadic arguments"
-    was_training = module.training
-    try:
-        codes = []
-        for mode in (True, False):
-            module.training = mode
-            graph = _OneLevelTracer().trace(module)
-            codes.append(graph.python_code("self").src)
-    except Exception as error:  # fx raises many kinds of errors on untraceable code
-        return None, f"it does not trace with torch.fx ({type(error).__name__}: {error})"
-    finally:
-        module.training = was_training
-    if codes[0] != codes[1]:
-        return None, "its forward depends on train/eval mode"
-    return graph, None
-
-
-def _trace_containers(model, report):
-    """fx graphs of all modules with children; a warning where BN goes unfused."""
-    graphs = {}
-    for name, module in model.named_modules():
-        if not any(True for _ in module.children()):
-            continue
-        graph, reason = _trace(module)
-        if graph is not None:
-            graphs[name] = (module, graph)
-        elif any(type(child) in _BATCH_NORM for child in module.children()):
-            message = (
-                f"convert_model: {name or 'the model'} ({type(module).__name__}) was not fused "
-                f"because {reason}; its BatchNorm layers are replaced one for one"
-            )
-            report.warnings.append(message)
-            warnings.warn(message, stacklevel=3)
-    return graphs
-
-
-# ---- finding BN -> ReLU pairs -----------------------------------------------
-
-
-def _is_relu(node, container):
-    if node.op == "call_module":
-        return type(container.get_submodule(node.target)) is nn.ReLU
-    if node.op == "call_function":
-        return node.target in _RELU_FUNCTIONS
-    return node.op == "call_method" and node.target in _RELU_METHODS
-
-
-def _has_hooks(module):
-    return any(getattr(module, hooks, None) for hooks in _HOOK_DICTS)
-
-
-def _find_fusions(model, graphs, report):
-    """Map id(BN module) -> (container, ReLU node) for every BN that may be fused."""
-    registrations = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
-    call_sites = Counter(
-        id(container.get_submodule(node.target))
-        for container, graph in graphs.values()
-        for node in graph.nodes
-        if node.op == "call_module"
-    )
-
-    def called_once(module):
-        return registrations[id(module)] == 1 and call_sites[id(module)] == 1
-
-    fusions = {}
-    for container_name, (container, graph) in graphs.items():
-        for node in graph.nodes:
-            if node.op != "call_module":
-                continue
-            batch_norm = container.get_submodule(node.target)
-            if type(batch_norm) not in _BATCH_NORM or len(node.users) != 1:
-                continue
-            (relu,) = node.users
-            if not _is_relu(relu, container) or relu.args[:1] != (node,) or len(relu.args) > 2:
-                continue
-            relu_module = container.get_submodule(relu.target) if relu.op == "call_module" else None
-            if not called_once(batch_norm) or _has_hooks(batch_norm):
-                continue
-            if relu_module is not None and (
-                not called_once(relu_module) or _has_hooks(relu_module)
-            ):
-                continue
-            fusions[id(batch_norm)] = (container, relu)
-            prefix = f"{container_name}." if container_name else ""
-            relu_name = (
-                prefix + relu.target
-                if relu_module is not None
-                else f"{relu.target if relu.op == 'call_method' else relu.target.__name__}() "
-                f"in {container_name or 'the model'}.forward"
-            )
-            report.fused.append((prefix + node.target, relu_name))
-    return fusions
-
-
-# ---- building and swapping modules ------------------------------------------
-
-
-def _take_over(new, old):
-    """Give ``new`` the state of ``old``: the same Parameter and buffer objects, mode, hooks."""
-    new._parameters = old._parameters
-    new._buffers = old._buffers
-    new._non_persistent_buffers_set = old._non_persistent_buffers_set
-    for hooks in _HOOK_DICTS:
-        if hasattr(old, hooks):
-            setattr(new, hooks, getattr(old, hooks))
-    new.train(old.training)
-    return new
-
-
-def _fused_batch_norm(old, with_relu):
-    plain, relu = _BATCH_NORM[type(old)]
-    new = (relu if with_relu else plain)(
-        old.num_features,
-        eps=old.eps,
-        momentum=old.momentum,
-        affine=old.affine,
-        track_running_stats=old.track_running_stats,
-        device="meta",  # placeholders only: the old tensors are taken over
-    )
-    return _take_over(new, old)
-
-
-def _fused_dropout(old):
-    return _take_over(FusedDropout(p=old.p, inplace=old.inplace), old)
-
-
-def _new_modules(model, fusions, report, dropout):
-    """Map id(old module) -> replacement, recording each in the report."""
-    relu_modules = {
-        id(container.get_submodule(relu.target))
-        for container, relu in fusions.values()
-        if relu.op == "call_module"
-    }
     replacements = {}
+    for layer in layers:
+        new = _new_batch_norm(layer) if layer.dims else None
+        if new is not None:
+            replacements[id(layer.module)] = new
+        outcome = _outcome(index, layer, new)
+        report.batch_norms.append(outcome)
+        if outcome.fusion is not None:
+            report.fused.append(outcome.fusion)
     for name, module in model.named_modules():
-        if type(module) in _BATCH_NORM:
-            new = _fused_batch_norm(module, with_relu=id(module) in fusions)
-        elif id(module) in relu_modules:
-            new = nn.Identity().train(module.training)
+        if id(module) in identities:
+            replacements[id(module)] = nn.Identity().train(module.training)
         elif dropout and type(module) is nn.Dropout:
-            new = _fused_dropout(module)
-        else:
-            continue
-        replacements[id(module)] = new
-        report.replaced.append(Replacement(name, type(module).__name__, type(new).__name__))
-    return replacements
-
-
-def _swap_modules(model, replacements):
-    for parent in list(model.modules()):
-        # _modules, not named_children(): that skips a child registered twice in one parent.
-        for name, child in list(parent._modules.items()):
-            if id(child) in replacements:
-                setattr(parent, name, replacements[id(child)])
-    return replacements.get(id(model), model)
-
-
-# ---- rewriting forward where a functional ReLU was fused ---------------------
-
-
-def _drop_relus_after_fused_batch_norm(module, graph):
-    """Erase ReLU calls whose only input is a BatchNormReLU output used nowhere else.
-
-    relu(relu(x)) == relu(x) in value and gradient, so erasing them is always exact.
-    """
-    for node in list(graph.nodes):
-        if node.op != "call_module" or len(node.users) != 1:
-            continue
-        if not isinstance(module.get_submodule(node.target), _FUSED_BATCH_NORM_RELU):
-            continue
-        (relu,) = node.users
-        if relu.op != "call_module" and _is_relu(relu, module) and relu.args[:1] == (node,):
-            relu.replace_all_uses_with(node)
-            graph.erase_node(relu)
-
-
-# (original class, forward source) -> generated subclass, so that copies share one class.
-_REWRITTEN_CLASSES = {}
-
-
-def _install_forward_without_redundant_relus(module):
-    graph, _ = _trace(module)
-    _drop_relus_after_fused_batch_norm(module, graph)
-    code = graph.python_code("self")
-    original = getattr(module, "_fused_bn_original_class", type(module))
-    key = (original, code.src)
-    if key not in _REWRITTEN_CLASSES:
-        namespace = dict(code.globals)
-        exec(compile(code.src, f"<fused_bn forward of {original.__qualname__}>", "exec"), namespace)
-        _REWRITTEN_CLASSES[key] = type(
-            original.__name__,
-            (original,),
-            {
-                "forward": namespace["forward"],
-                "_fused_bn_original_class": original,
-                "__module__": original.__module__,
-                "__qualname__": original.__qualname__,
-                "__reduce_ex__": _reduce_rewritten_module,
-            },
-        )
-    module.__class__ = _REWRITTEN_CLASSES[key]
-
-
-def _reduce_rewritten_module(module, protocol):
-    # The generated class cannot be pickled by name: rebuild the original class
-    # from the module's state and derive the forward again.
-    return _rebuild_rewritten_module, (module._fused_bn_original_class, module.__getstate__())
-
-
-def _rebuild_rewritten_module(original_class, state):
-    module = original_class.__new__(original_class)
-    module.__setstate__(state)
-    _install_forward_without_redundant_relus(module)
-    return module
+            replacements[id(module)] = take_over(FusedDropout(p=module.p,
+                                                              inplace=module.inplace), module)
+        if id(module) in replacements:
+            new_type = type(replacements[id(module)]).__name__
+            report.replaced.append(Replacement(name, type(module).__name__, new_type))
+    model = swap_modules(model, replacements)
+    for traced in edits:
+        _rewrite(traced, edits)
+        report.rewritten.append(f"{traced} ({type(traced.module).__name__})")
+    _warnings(index, layers, report)
+    return (model, report) if return_report else model
