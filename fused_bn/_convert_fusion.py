@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .activations import Activation, call_activation, module_activation
 from ._convert_trace import Site, has_hooks
+from .activations import Activation, call_activation, module_activation
 
 __all__ = ["Chain", "describe", "describe_value", "qualified", "resolve_shared_adds", "walk"]
 
@@ -237,7 +237,8 @@ def _residual_reason(index, chain, site, value, operands):
         return f"followed by {add}, adding it to itself"
     other = left if right is value.node else right
     if in_place and right is value.node:
-        return f"followed by {add}, which adds it in place to {describe_value(Site(site.traced, other))}"
+        target = describe_value(Site(site.traced, other))
+        return f"followed by {add}, which adds it in place to {target}"
     if not isinstance(other, fx.Node) or other.op == "get_attr":
         return f"followed by {add}, adding a constant or an attribute"
     bn_call = chain.start.node

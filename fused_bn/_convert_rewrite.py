@@ -13,7 +13,6 @@ import itertools
 import linecache
 from dataclasses import dataclass
 
-from torch import nn
 from torch.fx.node import map_arg
 
 from ._convert_trace import original_class, trace
@@ -78,8 +77,8 @@ def inline(graph, call, child):
                     target = f"{call.target}.{target}"
                 values[node] = graph.create_node(
                     node.op, target, map_arg(node.args, values.__getitem__),
-                    map_arg(node.kwargs, values.__getitem__), name=f"{call.name}_{node.name.lstrip('_')}",
-                    type_expr=node.type)
+                    map_arg(node.kwargs, values.__getitem__),
+                    name=f"{call.name}_{node.name.lstrip('_')}", type_expr=node.type)
     call.replace_all_uses_with(values[result])
     graph.erase_node(call)
     return {node.name: new for node, new in values.items() if node.op != "placeholder"}
@@ -147,7 +146,8 @@ def _generated_class(original, code):
     key = (original, code.src)
     if key not in _CLASSES:
         # A file name of its own in linecache: inspect.getsource and tracebacks show the code.
-        filename = f"<fused_bn: {original.__module__}.{original.__qualname__}.forward #{next(_serial)}>"
+        qualified = f"{original.__module__}.{original.__qualname__}"
+        filename = f"<fused_bn: {qualified}.forward #{next(_serial)}>"
         linecache.cache[filename] = (len(code.src), None, code.src.splitlines(True), filename)
         namespace = dict(code.globals)
         exec(compile(code.src, filename, "exec"), namespace)

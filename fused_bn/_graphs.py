@@ -29,6 +29,8 @@ class CallSites:
         self.parents = defaultdict(list)  # id(child) -> a container per registration
         self.calls = defaultdict(list)  # id(child) -> [(container, node), ...]
         self.untraced = set()  # ids of containers without a graph
+        graphs = []
+        called = {id(model)}  # containers whose own forward runs
         for container in model.modules():
             if not container._modules:
                 continue
@@ -38,6 +40,16 @@ class CallSites:
             graph = _trace(container)
             if graph is None:
                 self.untraced.add(id(container))
+                # Its children may be called: assume so.
+                called.update(id(child) for child in container.children())
+                continue
+            graphs.append((container, graph))
+            called.update(id(container.get_submodule(node.target))
+                          for node in graph.nodes if node.op == "call_module")
+        for container, graph in graphs:
+            # A container nobody calls, e.g. a Sequential whose parent's forward
+            # (rewritten by convert_model) calls its children itself, calls nothing.
+            if id(container) not in called:
                 continue
             for node in graph.nodes:
                 if node.op == "call_module":

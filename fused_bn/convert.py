@@ -377,7 +377,8 @@ def _outcome(index, layer, new):
 
 def _warn(report, message):
     report.warnings.append(message)
-    warnings.warn(message, stacklevel=3)
+    # Attributed to the caller of convert_model (_warn <- _warnings <- convert_model).
+    warnings.warn(message, stacklevel=4)
 
 
 def _warnings(index, layers, report):
@@ -391,7 +392,7 @@ def _warnings(index, layers, report):
               f"not be traced because {index.untraced[id(caller)]}; the BatchNorm layers it "
               "calls were converted without fusion")
     convertible = [layer for layer in layers if layer.dims]
-    if convertible and not report.fused:
+    if convertible and not report.fused and not blocked:  # else the warnings above say why
         _warn(report, f"convert_model: none of the model's {len(convertible)} BatchNorm layers "
               "could be fused with what follows it (see the report, return_report=True)")
 

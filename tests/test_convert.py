@@ -41,7 +41,7 @@ class BasicBlock(nn.Module):
         out = self.bn2(self.conv2(out))
         if self.downsample is not None:
             identity = self.downsample(x)
-        out += identity  # residual add between bn2 and relu2: not fusable
+        out += identity  # residual add between bn2 and relu2: fused as bn2(out, identity)
         return self.relu2(out)
 
 
@@ -101,14 +101,20 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
+# (BatchNorm, where its ReLU was, the residual it now adds): every BN->ReLU pair,
+# residual tails included; only the downsample BatchNorms keep no activation.
 RESNET_FUSED = {
-    ("bn1", "relu"),
-    ("layer1.0.bn1", "layer1.0.relu1"),
-    ("layer1.1.bn1", "layer1.1.relu1"),
-    ("layer2.0.bn1", "relu() in layer2.0.forward"),
-    ("layer2.0.bn2", "relu() in layer2.0.forward"),
-    ("layer2.1.bn1", "relu() in layer2.1.forward"),
-    ("layer2.1.bn2", "relu() in layer2.1.forward"),
+    ("bn1", "relu", ""),
+    ("layer1.0.bn1", "layer1.0.relu1", ""),
+    ("layer1.0.bn2", "layer1.0.relu2", "the output of layer1.0.downsample"),
+    ("layer1.1.bn1", "layer1.1.relu1", ""),
+    ("layer1.1.bn2", "layer1.1.relu2", "the input 'x' of layer1.1"),
+    ("layer2.0.bn1", "F.relu() in layer2.0.forward", ""),
+    ("layer2.0.bn2", ".relu() in layer2.0.forward", ""),
+    ("layer2.0.bn3", "torch.relu() in layer2.0.forward", "the output of layer2.0.downsample"),
+    ("layer2.1.bn1", "F.relu() in layer2.1.forward", ""),
+    ("layer2.1.bn2", ".relu() in layer2.1.forward", ""),
+    ("layer2.1.bn3", "torch.relu() in layer2.1.forward", "the input 'x' of layer2.1"),
 }
 
 
@@ -280,7 +286,12 @@ def relu_calls(module, x):
 
 
 def fused_pairs(report):
-    return set(report.fused)
+    """{(BatchNorm, activation site)} of the fusions with an activation."""
+    return {(f.batch_norm, f.site) for f in report.fused if f.activation != "identity"}
+
+
+def fusions(report):
+    return {(f.batch_norm, f.site, f.residual) for f in report.fused}
 
 
 # ---- ResNet -------------------------------------------------------------------
@@ -290,16 +301,19 @@ def test_resnet_fuses_what_the_graph_allows():
     torch.manual_seed(0)
     original = ResNet()
     model, report = converted(original)
-    assert fused_pairs(report) == RESNET_FUSED
+    assert fusions(report) == RESNET_FUSED
+    assert all(f.activation == "relu" for f in report.fused)
     assert report.warnings == []
     assert type(model.bn1) is fused_bn.BatchNormReLU2d and type(model.relu) is nn.Identity
     block, bottleneck = model.layer1[0], model.layer2[0]
     assert type(block.bn1) is fused_bn.BatchNormReLU2d and type(block.relu1) is nn.Identity
-    assert type(block.bn2) is fused_bn.BatchNorm2d and type(block.relu2) is nn.ReLU
+    assert type(block.bn2) is fused_bn.BatchNormReLU2d and type(block.relu2) is nn.Identity
     assert type(block.downsample[1]) is fused_bn.BatchNorm2d
-    assert type(bottleneck.bn3) is fused_bn.BatchNorm2d
+    assert type(bottleneck.bn3) is fused_bn.BatchNormReLU2d
     assert isinstance(bottleneck, Bottleneck) and bottleneck.expansion == 4
-    assert type(model) is ResNet and type(block) is BasicBlock
+    # Unchanged classes; a rewritten forward is a generated subclass of the same name.
+    assert type(model) is ResNet and isinstance(block, BasicBlock)
+    assert type(block).__qualname__ == "BasicBlock" and type(block).__module__ == __name__
     assert list(model.state_dict()) == list(original.state_dict())
     replaced = {(r.name, r.old_type, r.new_type) for r in report.replaced}
     assert ("layer1.0.relu1", "ReLU", "Identity") in replaced
@@ -307,18 +321,19 @@ def test_resnet_fuses_what_the_graph_allows():
     assert ("layer2.0.bn1", "BatchNorm2d", "BatchNormReLU2d") in replaced
     batch_norms = [n for n, m in original.named_modules() if type(m) is nn.BatchNorm2d]
     assert {r.name for r in report.replaced if r.old_type == "BatchNorm2d"} == set(batch_norms)
-    assert "7 BN->ReLU pairs fused" in str(report)
+    assert "11 fused with an activation, 4 with a residual add" in str(report)
+    assert "layer1.0.downsample.1: BatchNorm2d -> fused_bn.BatchNorm2d; followed by" in str(report)
 
 
 def test_resnet_functional_relus_are_removed_from_forward():
     torch.manual_seed(0)
     original = ResNet().eval()
     model = convert_model(original)
-    # Bottleneck had three functional ReLUs; the two after bn1/bn2 are fused away.
+    # Bottleneck had three functional ReLUs, the last after the residual add: all fused.
     assert relu_calls(original.layer2[1], torch.randn(2, 32, 3, 3)) == 3
-    assert relu_calls(model.layer2[1], torch.randn(2, 32, 3, 3)) == 1
-    # BasicBlock: relu1 became nn.Identity; relu2 (after the residual add) stays.
-    assert relu_calls(model.layer1[1], torch.randn(2, 16, 6, 6)) == 1
+    assert relu_calls(model.layer2[1], torch.randn(2, 32, 3, 3)) == 0
+    # BasicBlock: relu1 and relu2 (after the residual add) became nn.Identity.
+    assert relu_calls(model.layer1[1], torch.randn(2, 16, 6, 6)) == 0
 
 
 def test_resnet_eval_matches():
@@ -349,7 +364,7 @@ def test_converted_model_pickles_and_deep_copies():
     loaded = torch.load(buffer, weights_only=False)
     for clone in (loaded, copy.deepcopy(model)):
         assert isinstance(clone.layer2[0], Bottleneck)
-        assert relu_calls(clone.layer2[1], torch.randn(2, 32, 3, 3)) == 1
+        assert relu_calls(clone.layer2[1], torch.randn(2, 32, 3, 3)) == 0
         assert_evaluates_like(model, clone, x, rtol=0, atol=0)
 
 
@@ -427,14 +442,42 @@ def test_requires_grad_and_bias_presence_carry_over():
 # ---- cases that must not fuse ---------------------------------------------------
 
 
-@pytest.mark.parametrize("cls", [ResidualBetween, UsedTwice, SharedReLUBlock])
-def test_not_fused_where_the_graph_forbids(cls):
+def test_not_fused_where_the_output_is_used_twice():
     torch.manual_seed(0)
-    original = randomize_statistics(cls()).double()
+    original = randomize_statistics(UsedTwice()).double()
+    with pytest.warns(UserWarning, match="none of the model's 1 BatchNorm layers could be fused"):
+        model, report = converted(original)
+    assert report.fused == []
+    assert "its output is used 2 times" in report.batch_norms[0].note
+    assert type(model.bn) is fused_bn.BatchNorm2d and type(model.relu) is nn.ReLU
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_shared_relu_module_is_fused_at_each_call_site():
+    # torchvision's BasicBlock: one ReLU module after bn1 and after the residual add.
+    torch.manual_seed(0)
+    original = randomize_statistics(SharedReLUBlock()).double()
     model, report = converted(original)
-    assert report.fused == [] and report.warnings == []
-    assert {type(m) for m in model.modules()} & {nn.BatchNorm2d, fused_bn.BatchNormReLU2d} == set()
-    assert type(model.relu) is nn.ReLU
+    assert fusions(report) == {
+        ("bn1", "relu (call 1 of 2)", ""),
+        ("bn2", "relu (call 2 of 2)", "the input 'x' of the model"),
+    }
+    assert type(model.bn1) is type(model.bn2) is fused_bn.BatchNormReLU2d
+    assert isinstance(model, SharedReLUBlock)
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
+    assert relu_calls(model, inputs[0]) == 0
+
+
+def test_residual_add_between_batch_norm_and_relu_is_fused():
+    torch.manual_seed(0)
+    original = randomize_statistics(ResidualBetween()).double()
+    model, report = converted(original)
+    assert fusions(report) == {("bn", "relu", "the input 'x' of the model")}
+    assert type(model.bn) is fused_bn.BatchNormReLU2d and type(model.relu) is nn.Identity
     inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
     assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
     assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
@@ -445,11 +488,11 @@ def test_module_and_functional_relus_are_all_fused():
     original = randomize_statistics(ReLUFlavours()).double()
     model, report = converted(original)
     assert fused_pairs(report) == {
-        ("bn1", "relu() in the model.forward"),
+        ("bn1", "F.relu() in the model.forward"),
         ("bn2", "relu"),
-        ("bn3", "relu() in the model.forward"),
-        ("bn4", "relu() in the model.forward"),
-        ("bn5", "relu_() in the model.forward"),
+        ("bn3", "torch.relu() in the model.forward"),
+        ("bn4", "F.relu() in the model.forward"),
+        ("bn5", ".relu_() in the model.forward"),
     }
     assert all(type(getattr(model, f"bn{i}")) is fused_bn.BatchNormReLU2d for i in range(1, 6))
     assert type(model.relu) is nn.Identity and isinstance(model, ReLUFlavours)
@@ -482,7 +525,7 @@ def test_shared_batch_norm_or_hooks_block_fusion():
 def test_untraceable_warns_and_replaces_one_for_one(cls):
     torch.manual_seed(0)
     original = randomize_statistics(cls()).double()
-    with pytest.warns(UserWarning, match="was not fused because"):
+    with pytest.warns(UserWarning, match="could not be traced because"):
         model, report = converted(original)
     assert len(report.warnings) == 1 and "the model" in report.warnings[0]
     assert type(model.bn) is fused_bn.BatchNorm2d and type(model.relu) is nn.ReLU
@@ -584,7 +627,7 @@ def test_only_plain_dropout_is_replaced_and_reported():
         ("plain", "Dropout", "Dropout"),
         ("inplace", "Dropout", "Dropout"),
     ]
-    assert "2 modules replaced" in str(report)
+    assert "  plain: Dropout -> Dropout\n  inplace: Dropout -> Dropout" in str(report)
     assert type(model.plain) is fused_bn.Dropout and type(model.inplace) is fused_bn.Dropout
     for name in ("alpha", "feature_alpha", "channels", "own"):
         assert type(getattr(model, name)) is type(getattr(original, name))

@@ -299,8 +299,9 @@ def test_create_feature_extractor_names_match_the_original(name):
     original, fused, x = copy.deepcopy(_BUILT.get(name) or build(name))  # skips without torchvision
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    nodes = {"resnet18": ["bn1", "layer1.0.bn2", "layer4"],
-             "mobilenet_v2": ["features.1.conv.2", "features.18"]}[name]
+    # Block outputs: a fused BatchNorm's own output includes what was fused into it.
+    nodes = {"resnet18": ["maxpool", "layer1.0", "layer2", "layer4"],
+             "mobilenet_v2": ["features.1", "features.3", "features.18"]}[name]
     extracted = create_feature_extractor(fused, return_nodes=nodes)(x)
     expected = create_feature_extractor(original, return_nodes=nodes)(x)
     for node in nodes:
