@@ -43,6 +43,7 @@ class Op:
     # passes over the tensor the op needs at least: forward reads x and
     # writes y; backward reads what it needs and writes grad_input
     min_passes: int
+    residual: bool = False  # act(bn(x) + r), r a parameter of the same shape as x
 
     @property
     def is_dropout(self):
@@ -56,12 +57,21 @@ OPS = {
         Op("bn_relu_fwd_eval", "BatchNorm+ReLU forward, eval", "relu", False, False, 2),
         Op("bn_relu_fwd_bwd", "BatchNorm+ReLU forward+backward, training", "relu", True, True, 5),
         Op("bn_fwd_bwd", "BatchNorm forward+backward, training", "identity", True, True, 5),
+        *[Op(f"bn_{act}_fwd_bwd", f"BatchNorm+{act} forward+backward, training", act, True,
+             True, 5) for act in ("relu6", "leaky_relu", "silu", "hardswish", "elu")],
+        # forward reads x, r and writes y; backward reads x, r, dy, writes dx, dr
+        Op("bn_add_relu_fwd_bwd", "relu(BatchNorm + residual) forward+backward, training", "relu",
+           True, True, 8, residual=True),
         Op("dropout_fwd", f"Dropout(p={DROPOUT_P}) forward, training", "", True, False, 2),
         Op("dropout_fwd_bwd", f"Dropout(p={DROPOUT_P}) forward+backward", "", True, True, 4),
     ]
 }
 # The ops that stand for the layers of a named shape set (shapes.py).
 LAYER_OPS = ("bn_relu_fwd_bwd", "bn_fwd_bwd")
+# The other fused activations and the residual tail (issue: every fusable pair).
+ACTIVATION_OPS = tuple(name for name, op in OPS.items()
+                       if op.activation not in ("", "identity") and name != "bn_relu_fwd_bwd"
+                       and name.endswith("_fwd_bwd"))
 
 
 def available_ops():
@@ -112,7 +122,8 @@ def _layer(shape_set, *chw):
 # plane to small planes with many channels (its most frequent shape, [16,256,7,7],
 # among them) and two of mobilenet_v2's.
 DEFAULT = (
-    Grid(ALL_OPS, ((32, 64, 56, 56), (256, 1024))),
+    Grid(tuple(op for op in ALL_OPS if op not in ACTIVATION_OPS), ((32, 64, 56, 56), (256, 1024))),
+    Grid(ACTIVATION_OPS, ((32, 64, 56, 56),), layouts=("contiguous",)),
     Grid(("bn_relu_fwd_train", "bn_relu_fwd_bwd"), ((32, 64, 56, 56),), ("bfloat16",)),
     Grid(LAYER_OPS, tuple(_layer("resnet50", *chw) for chw in (
         (64, 28, 28), (256, 28, 28), (128, 14, 14), (256, 7, 7), (1024, 7, 7), (2048, 4, 4)))),
@@ -184,20 +195,37 @@ def make_input(case):
     return x
 
 
+class ResidualTail(nn.Module):
+    """act(bn(x) + residual), the residual a parameter (so backward gives it a gradient):
+    eager as PyTorch computes it, fused as one fused_bn call."""
+
+    def __init__(self, batch_norm, activation, residual, fused):
+        super().__init__()
+        self.batch_norm, self.activation, self.fused = batch_norm, activation, fused
+        self.residual = nn.Parameter(residual)
+
+    def forward(self, x):
+        if self.fused:
+            return self.batch_norm(x, self.residual)
+        return self.activation(self.batch_norm(x) + self.residual)
+
+
 def batch_norm_modules(case):
     """(fused_bn module, eager equivalent) with the same parameters."""
     channels, dim = case.shape[1], len(case.shape)
-    relu = case.op.activation == "relu"
-    fused_cls = {
-        (False, 2): fused_bn.BatchNorm1d, (False, 3): fused_bn.BatchNorm1d,
-        (False, 4): fused_bn.BatchNorm2d, (False, 5): fused_bn.BatchNorm3d,
-        (True, 2): fused_bn.BatchNormReLU1d, (True, 3): fused_bn.BatchNormReLU1d,
-        (True, 4): fused_bn.BatchNormReLU2d, (True, 5): fused_bn.BatchNormReLU3d,
-    }[(relu, dim)]
+    fused_cls = {2: fused_bn.BatchNormAct1d, 3: fused_bn.BatchNormAct1d,
+                 4: fused_bn.BatchNormAct2d, 5: fused_bn.BatchNormAct3d}[dim]
     eager_cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}[dim]
-    fused, eager = fused_cls(channels), eager_cls(channels)
-    eager = nn.Sequential(eager, nn.ReLU()) if relu else eager
+    activation = fused_bn.Activation.of(case.op.activation)
+    fused, eager = fused_cls(channels, activation=activation), eager_cls(channels)
+    act = activation.module()
     dtype = DTYPES[case.dtype]
+    if case.op.residual:
+        residual = make_input(case)
+        fused = ResidualTail(fused, None, residual.clone(), fused=True)
+        eager = ResidualTail(eager, act, residual, fused=False)
+    elif case.op.activation != "identity":
+        eager = nn.Sequential(eager, act)
     return fused.to(case.device, dtype), eager.to(case.device, dtype)
 
 

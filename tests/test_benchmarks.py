@@ -452,3 +452,19 @@ def test_models_table_on_the_mlp(monkeypatch):
 def test_models_need_the_eager_baseline():
     with pytest.raises(SystemExit):
         models.parse_args(["--variants", "fused"])
+
+
+def test_activation_and_residual_rows_time_the_same_computation():
+    # Each new row's fused and eager modules compute the same thing (and backward reaches
+    # the residual), so their ratio compares like with like.
+    for name in suite.ACTIVATION_OPS:
+        case = suite.Case(suite.OPS[name], (4, 6, 5, 5), "float32", "contiguous", "cpu")
+        torch.manual_seed(0)
+        fused, eager = suite.modules(case)
+        eager.load_state_dict(fused.state_dict(), strict=False)
+        x = suite.make_input(case).requires_grad_()
+        y_fused, y_eager = fused(x), eager(x)
+        torch.testing.assert_close(y_fused, y_eager, rtol=1e-5, atol=1e-5, msg=name)
+        if case.op.residual:
+            y_fused.sum().backward()
+            assert fused.residual.grad is not None
