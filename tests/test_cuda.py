@@ -1,7 +1,13 @@
 """CUDA kernels: equivalence with PyTorch, CUDA against CPU, gradcheck, > 2^31
-elements, CUDA graphs and opcheck. Skipped where no CUDA device is available."""
+elements, CUDA graphs and opcheck. Skipped where no CUDA device is available.
+
+FUSED_BN_TEST_DEVICE=cpu runs the file on CPU (CUDA against CPU then compares CPU with
+CPU): a check, without a GPU, that every call of the file matches the current op
+schemas and references (tests/test_cuda_dry_run.py runs it so in every suite).
+"""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -12,12 +18,13 @@ import fused_bn
 from fused_bn import functional as FB
 from fused_bn._ops import ops
 
+DEVICE = os.environ.get("FUSED_BN_TEST_DEVICE", "cuda")
+DRY_RUN = DEVICE == "cpu"
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available"),
+    pytest.mark.skipif(not (DRY_RUN or torch.cuda.is_available()), reason="CUDA not available"),
 ]
-
-DEVICE = "cuda"
+needs_gpu = pytest.mark.skipif(DRY_RUN, reason="a CUDA-only feature (FUSED_BN_TEST_DEVICE=cpu)")
 # Against a float64 reference, per input dtype.
 TOLERANCE = {
     torch.float64: dict(atol=1e-10, rtol=1e-9),
@@ -181,7 +188,8 @@ def test_cuda_matches_cpu(shape, layout, dtype, activation):
     )
     running_var = torch.rand(C, generator=g, dtype=param_dtype) + 0.5
     params = (weight, bias, running_mean, running_var)
-    on_cuda = op_calls(x, dy, *(p.to(DEVICE) for p in params), activation)
+    # Copies (also on CPU in a dry run): the training call updates the running statistics.
+    on_cuda = op_calls(x, dy, *(p.to(DEVICE, copy=True) for p in params), activation)
     on_cpu = op_calls(x.cpu(), dy.cpu(), *params, activation)
     # Same math, different summation order: float accumulation rounding only,
     # plus one rounding of the output in reduced precision.
@@ -193,7 +201,7 @@ def test_cuda_matches_cpu(shape, layout, dtype, activation):
         cuda_result = cuda_result if isinstance(cuda_result, tuple) else (cuda_result,)
         cpu_result = on_cpu[name] if isinstance(on_cpu[name], tuple) else (on_cpu[name],)
         for got, want in zip(cuda_result, cpu_result):
-            assert got.device.type == "cuda" and got.dtype == want.dtype, name
+            assert got.device.type == DEVICE and got.dtype == want.dtype, name
             assert got.stride() == want.stride(), name
             torch.testing.assert_close(got.cpu(), want, **tol, msg=lambda m, n=name: f"{n}: {m}")
 
@@ -238,8 +246,9 @@ def test_opcheck_every_op(activation):
     mean_dy, mean_dy_xmu = torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE)
     calls = [
         (ops.batch_norm_act, (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_(),
-                              running_mean, running_var, True, 1e-5, activation)),
-        (ops.batch_norm_act, (x, weight, bias, running_mean, running_var, False, 1e-5, activation)),
+                              running_mean, running_var, None, True, 0.1, 1e-5, activation)),
+        (ops.batch_norm_act, (x, weight, bias, running_mean, running_var, None, False, 0.1, 1e-5,
+                              activation)),
         (ops.batch_norm_act_backward, (dy, x.detach(), weight.detach(), bias.detach(), mean,
                                        invstd, True, activation)),
         (ops.batch_norm_stats, (x.detach(),)),
@@ -298,7 +307,7 @@ def test_update_running_stats_kernel_matches_cpu(channels, running_dtype, stat_d
 def test_update_running_stats_strided_buffers_take_the_general_path():
     (mean, invstd), (running_mean, running_var, batches) = running_stats_case(
         7, torch.float32, torch.float32)
-    expected = [t.to(DEVICE) for t in (running_mean, running_var, batches)]
+    expected = [t.to(DEVICE, copy=True) for t in (running_mean, running_var, batches)]
     ops.update_running_stats_(*expected, mean.to(DEVICE), invstd.to(DEVICE), None, 1e-5, 30)
     wide = torch.zeros(14, device=DEVICE)
     strided_mean = wide[::2].copy_(running_mean)
@@ -321,6 +330,7 @@ def test_update_running_stats_without_num_batches_tracked():
         ops.update_running_stats_(*cuda, None, mean.to(DEVICE), invstd.to(DEVICE), None, 1e-5, 20)
 
 
+@needs_gpu
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_cuda_graph_train_step(layout):
     """A whole training step (forward, backward, optimizer) captured once and
@@ -378,15 +388,19 @@ def test_cuda_graph_train_step(layout):
 
 def test_wrong_device_and_dtype_errors():
     x = make_input((4, 3, 5), "contiguous", torch.float32)
-    with pytest.raises(RuntimeError, match="same device"):
-        ops.batch_norm_act(x, torch.ones(3), None, None, None, None, True, 0.1, 1e-5, "relu")
+    if not DRY_RUN:
+        with pytest.raises(RuntimeError, match="same device"):
+            ops.batch_norm_act(x, torch.ones(3), None, None, None, None, True, 0.1, 1e-5, "relu")
     with pytest.raises(NotImplementedError, match="not implemented for 'Int'"):
         ops.batch_norm_act(x.int(), None, None, None, None, None, True, 0.1, 1e-5, "relu")
-    # PyTorch's wording (its CPU kernel's), as on the CPU.
-    mixed = r"mixed dtype: all inputs must share same datatype \(input is Float, weight is Double\)"
-    with pytest.raises(RuntimeError, match=mixed):
-        ops.batch_norm_act(x, torch.ones(3, dtype=torch.float64, device=DEVICE), None, None, None,
-                           None, True, 0.1, 1e-5, "relu")
+    # The message the CPU op gives (PyTorch's wording).
+    messages = []
+    for device in (DEVICE, "cpu"):
+        with pytest.raises(RuntimeError) as error:
+            ops.batch_norm_act(x.to(device), torch.ones(3, dtype=torch.float64, device=device),
+                               None, None, None, None, True, 0.1, 1e-5, "relu")
+        messages.append(str(error.value).splitlines()[0])
+    assert messages[0] == messages[1]
 
 
 def test_empty_batch():
@@ -399,6 +413,7 @@ def test_empty_batch():
     assert dx.shape == x.shape and dw.eq(0).all() and db.eq(0).all()
 
 
+@needs_gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_more_than_2_31_elements_float16(layout):
@@ -440,3 +455,53 @@ def test_more_than_2_31_elements_float16(layout):
         decided = pre.abs() > 1e-4
         torch.testing.assert_close(dx[:, c].float()[decided], dx_ref[decided], atol=1e-2, rtol=1e-2)
         del xc, pre, g, dx_ref, decided
+
+
+# ---- every activation and the residual add (kernels verified only with "next") ----
+
+ACTIVATIONS = [
+    ("identity", {}), ("relu", {}), ("relu6", {}), ("hardtanh", dict(min_val=-0.5, max_val=0.8)),
+    ("leaky_relu", dict(negative_slope=0.2)), ("silu", {}), ("hardswish", {}),
+    ("elu", dict(alpha=0.7)),
+]
+# The selection in use (fused_bn/functional.py): without "next", CUDA calls whose kernels
+# have not run on a GPU yet compute with PyTorch's ops instead.
+UNVERIFIED_ON_DEVICE = DEVICE == "cuda" and FB.CUDA_KERNELS != "next"
+
+
+def takes_fused_kernels(activation, residual):
+    return not (UNVERIFIED_ON_DEVICE and (residual or activation not in ("identity", "relu")))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["", "residual"])
+@pytest.mark.parametrize("activation,params", ACTIVATIONS, ids=[a for a, _ in ACTIVATIONS])
+def test_every_activation_and_residual_matches_cpu(activation, params, residual, dtype, layout,
+                                                   training):
+    shape = (4, 6, 5, 7)
+    torch.manual_seed(0)
+    on_cpu = fused_bn.BatchNormAct2d(6, activation=activation, **params).to(dtype)
+    with torch.no_grad():
+        on_cpu.weight.uniform_(0.5, 1.5)
+        on_cpu.bias.uniform_(-0.5, 0.5)
+        on_cpu.running_var.uniform_(0.5, 1.5)
+    on_cpu.train(training)
+    on_device = copy.deepcopy(on_cpu).to(DEVICE)
+    x = make_input(shape, layout, dtype, device="cpu")
+    r = make_input(shape, layout, dtype, seed=5, device="cpu") if residual else None
+    dy = make_input(shape, layout, dtype, seed=6, device="cpu")
+    results = []
+    for module, device in ((on_cpu, "cpu"), (on_device, DEVICE)):
+        xs = x.to(device, copy=True).requires_grad_()
+        rs = r.to(device, copy=True).requires_grad_() if residual else None
+        y = module(xs, rs)
+        fused = y.grad_fn.name() == "BatchNormActBackward"
+        assert fused == (device == "cpu" or takes_fused_kernels(activation, residual))
+        y.backward(dy.to(device))
+        results.append([y, xs.grad, module.weight.grad, module.bias.grad, module.running_mean,
+                        module.running_var] + ([rs.grad] if residual else []))
+    tol = TOLERANCE[dtype] if dtype != torch.float64 else dict(atol=1e-12, rtol=1e-12)
+    for cpu_value, device_value in zip(*results):
+        torch.testing.assert_close(device_value.cpu(), cpu_value, **tol)
