@@ -12,7 +12,8 @@ CPU allocator's events in torch.profiler; CUDA: torch.cuda.max_memory_allocated)
 Models: the seed examples' MLP and CNN (examples/mlp_batchnorm.py,
 examples/cnn_batchnorm.py, written with PyTorch's modules) and, where
 torchvision is installed, its resnet18, resnet50, mobilenet_v2,
-efficientnet_b0, densenet121, vgg11_bn and regnet_x_400mf.
+efficientnet_b0, densenet121, vgg11_bn and regnet_x_400mf, and timm's cspdarknet53
+(timm_cspdarknet53) where timm is.
 
     python -m benchmarks.models                       # the default models
     python -m benchmarks.models --models resnet50 --batch 32 --size 224
@@ -35,7 +36,7 @@ from torch import nn
 import fused_bn
 
 from . import allocator, compiled, report, timing
-from .zoo import import_torchvision
+from .zoo import import_timm, import_torchvision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,8 @@ class Variant:
 
 def _fused(model):
     model, conversion = fused_bn.convert_model(model, inplace=True, return_report=True)
-    batch_norms = sum(r.new_type.startswith("BatchNorm") for r in conversion.replaced)
-    return model, f"{batch_norms} BN converted, {len(conversion.fused)} with ReLU"
+    return model, (f"{len(conversion.batch_norms)} BN, {conversion.activations_fused} with "
+                   f"activation, {conversion.residuals_fused} with add")
 
 
 def _fused_recompute(model):
@@ -106,15 +107,23 @@ def _torchvision(name):
     return Model(build, lambda batch, size: (batch, 3, size, size), 1000, 16)
 
 
+def _timm(name):
+    def build():
+        return import_timm().create_model(name)
+
+    return Model(build, lambda batch, size: (batch, 3, size, size), 1000, 16)
+
+
 MODELS = {
     "mlp": Model(seed_mlp, lambda batch, size: (batch, 64), 10, 32),
     "cnn": Model(seed_cnn, lambda batch, size: (batch, 1, 8, 8), 10, 32),
     **{name: _torchvision(name) for name in
        ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg11_bn",
         "regnet_x_400mf")},
+    "timm_cspdarknet53": _timm("cspdarknet53"),
 }
 VISION = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0", "densenet121", "vgg11_bn",
-          "regnet_x_400mf")
+          "regnet_x_400mf", "timm_cspdarknet53")
 DEFAULT_MODELS = ("mlp", "cnn", "resnet18", "resnet50", "mobilenet_v2")
 
 
@@ -294,8 +303,12 @@ def parse_args(argv):
         args.models = list(MODELS if args.models else DEFAULT_MODELS)
         if import_torchvision() is None:
             args.models = [m for m in args.models if m not in VISION]
+        elif import_timm() is None:
+            args.models = [m for m in args.models if not m.startswith("timm_")]
     elif import_torchvision() is None and set(args.models) & set(VISION):
         parser.error("torchvision is not installed")
+    elif import_timm() is None and any(m.startswith("timm_") for m in args.models):
+        parser.error("timm is not installed")
     return args
 
 
