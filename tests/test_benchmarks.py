@@ -441,7 +441,7 @@ def test_models_table_on_the_mlp(monkeypatch):
         assert row["step_ms"] > 0 and row["input"] == [16, 64], name
         assert row["saved_MB"] > 0 and row["peak_MB"] > 0
         assert ("speedup_vs_eager" in row) == (name != "eager")
-    assert "2 BN converted, 2 with ReLU" in by_variant["fused"]["note"]
+    assert "2 BN, 2 with activation, 0 with add" in by_variant["fused"]["note"]
     assert by_variant["compile"]["note"].startswith("compiled in")
     # BatchNorm+ReLU keeps one tensor where PyTorch's pair keeps two
     assert by_variant["fused"]["saved_MB"] < by_variant["eager"]["saved_MB"]
