@@ -6,12 +6,13 @@
 #
 # Steps (each time-limited; a failing step does not stop the next ones):
 #   build       the extension for this GPU's architecture (ptxas -v in build.log)
-#   tests_cuda  tests/test_cuda.py, slow cases included, with the verified kernels (the
+#   tests_verified  tests/test_cuda.py, slow cases included, with the verified kernels (the
 #               default): the unverified ones must be refused by the ops and computed by
-#               PyTorch's composite in the modules (test_cuda.log, test_cuda.xml)
+#               PyTorch's composite in the modules (test_cuda_verified.log, .xml)
 #   tests_next  the same with FUSED_BN_CUDA_KERNELS=next, which runs the kernels not yet
 #               verified on a GPU (activations other than identity/ReLU, the residual add;
-#               docs/cuda.md); the slow case is ReLU only, run once above
+#               docs/cuda.md; test_cuda_next.log, .xml); the slow case is ReLU only, run
+#               once above
 #   memcheck    compute-sanitizer memcheck on benchmarks/gpu_sanitize_case.py with next
 #               (every activation and the residual add)
 #   racecheck   compute-sanitizer racecheck on the verified cases (the reductions' shared
@@ -124,8 +125,9 @@ tests() {
 tests verified 70
 tests_next_ok=0
 tests next 65 -m "not slow" && tests_next_ok=1
+memcheck_ok=0
 step memcheck 35 memcheck.log env FUSED_BN_CUDA_KERNELS=next "$SANITIZER" --tool memcheck \
-  --error-exitcode 1 "$PY" benchmarks/gpu_sanitize_case.py
+  --error-exitcode 1 "$PY" benchmarks/gpu_sanitize_case.py && memcheck_ok=1
 step racecheck 25 racecheck.log "$SANITIZER" --tool racecheck --error-exitcode 1 \
   "$PY" benchmarks/gpu_sanitize_case.py
 # BN+ReLU runs the verified kernels under both selections: the control row.
@@ -150,7 +152,8 @@ bench_geomean() {
     tr -d x
 }
 
-# The verdict on the "next" selection: every CUDA test passed with it, and the same rows
+# The verdict on the "next" selection: every CUDA test passed with it, memcheck found no
+# error in its kernels, and the same rows
 # are not slower with it than with the verified selection, today's default (geometric
 # means against eager; the rows themselves are in benchmark_*.txt).
 {
@@ -161,13 +164,14 @@ bench_geomean() {
   done
   verified_geomean="$(bench_geomean verified)"
   next_geomean="$(bench_geomean next)"
-  if [ "$tests_next_ok" -eq 1 ] && [ -n "$next_geomean" ] && [ -n "$verified_geomean" ] &&
+  if [ "$tests_next_ok" -eq 1 ] && [ "$memcheck_ok" -eq 1 ] && [ -n "$next_geomean" ] &&
+    [ -n "$verified_geomean" ] &&
     awk -v n="$next_geomean" -v v="$verified_geomean" 'BEGIN { exit !(n >= v) }'; then
-    echo "next selection: all tests passed, ${next_geomean}x eager (verified:" \
+    echo "next selection: all tests passed, memcheck clean, ${next_geomean}x eager (verified:" \
       "${verified_geomean}x): may become the default"
   else
-    echo "next selection: NOT ready (all tests passed: $tests_next_ok, geomean" \
-      "${next_geomean:-none}x eager, verified ${verified_geomean:-none}x)"
+    echo "next selection: NOT ready (all tests passed: $tests_next_ok, memcheck clean:" \
+      "$memcheck_ok, geomean ${next_geomean:-none}x eager, verified ${verified_geomean:-none}x)"
   fi
 } | tee -a "$OUT/summary.txt"
 
