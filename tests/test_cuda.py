@@ -1,5 +1,11 @@
 """CUDA kernels: equivalence with PyTorch, CUDA against CPU, gradcheck, > 2^31
-elements, CUDA graphs and opcheck. Skipped where no CUDA device is available.
+elements, CUDA graphs and opcheck, for every activation and the residual add. Skipped
+where no CUDA device is available.
+
+The kernels not yet verified on a GPU (activations other than identity and ReLU, the
+residual add) are compared only under FUSED_BN_CUDA_KERNELS=next; otherwise the tests
+check that the ops refuse them and that the modules compute with PyTorch's ops instead,
+still matching (docs/cuda.md, benchmarks/gpu_check.sh runs both selections).
 
 FUSED_BN_TEST_DEVICE=cpu runs the file on CPU (CUDA against CPU then compares CPU with
 CPU): a check, without a GPU, that every call of the file matches the current op
