@@ -392,6 +392,13 @@ def _warnings(index, layers, report):
               f"not be traced because {index.untraced[id(caller)]}; the BatchNorm layers it "
               "calls were converted without fusion")
     convertible = [layer for layer in layers if layer.dims]
+    # BatchNorms of its own that convert_model cannot touch (subclasses, SyncBatchNorm, ...);
+    # fused_bn modules from an earlier conversion are not a reason to warn.
+    kept = [layer for layer in layers
+            if not layer.dims and not isinstance(layer.module, fused._BatchNormAct)]
+    if kept and not convertible:
+        _warn(report, f"convert_model: none of the model's {len(kept)} BatchNorm layers could "
+              "be converted (see the report, return_report=True)")
     if convertible and not report.fused and not blocked:  # else the warnings above say why
         _warn(report, f"convert_model: none of the model's {len(convertible)} BatchNorm layers "
               "could be fused with what follows it (see the report, return_report=True)")

@@ -3,12 +3,13 @@
 What each fused module becomes
     * ``nn.BatchNormXd`` (``nn.SyncBatchNorm``) where the model then computes the same: its
       activation is identity, or the activation goes back where ``convert_model`` took it from.
-      ``convert_model`` fuses a ReLU *module* by making it an ``nn.Identity``: an Identity
-      that is the only user of a fused module's output becomes the activation module again
-      (``nn.ReLU()``; convert_model does not record ``inplace``, so it is False). It fuses a
-      *functional* ReLU by giving the container a generated subclass whose forward lacks it
-      (``_fused_bn_original_class``): the container gets its own class back, whose forward
-      applies the activation, and its fused children become ``nn.BatchNormXd``.
+      ``convert_model`` fuses a ReLU *module* by making it an ``nn.Identity``: the Identity
+      where the fused module's output leads (as convert_model follows it: through one
+      residual add, out of a Sequential, along Identities) becomes the activation module
+      again (``nn.ReLU()``; convert_model does not record ``inplace``, so it is False). It
+      fuses a *functional* ReLU by giving the container a generated subclass whose forward
+      lacks it (``_fused_bn_original_class``): the container gets its own class back, whose
+      forward applies the activation, and its fused children become ``nn.BatchNormXd``.
     * :class:`fused_bn.plain.BatchNormAct` otherwise: a hand-built fused module with an
       activation, or one called with a residual, or whose container does not trace with
       torch.fx. It computes ``act(F.batch_norm(x) [+ residual])`` with torch's ops and
@@ -21,16 +22,22 @@ Parameters and buffers are the same tensors (taken over, as ``convert_model`` do
 """
 
 import copy
+import operator
 
+import torch
 from torch import nn
 
 from . import modules as fused
 from ._graphs import CallSites, called_module, has_hooks, only_user, swap_modules, take_over
+from .activations import call_activation, module_activation
 from .dropout import Dropout
 from .plain import BatchNormAct
 from .sync_batchnorm import SyncBatchNorm
 
 __all__ = ["revert_model"]
+
+# How a residual add before an activation is written (`out += identity` included).
+_ADDS = (operator.add, operator.iadd, torch.add)
 
 _TORCH_BATCH_NORM = (
     (fused.BatchNormAct1d, nn.BatchNorm1d),
@@ -49,12 +56,12 @@ def revert_model(model, *, inplace=False):
     """
     if not inplace:
         model = copy.deepcopy(model)
-    restored = _restore_original_classes(model)
+    _restore_original_classes(model)
     sites = CallSites(model)
     replacements = {}
     for module in model.modules():
         if isinstance(module, fused._BatchNormAct):
-            _revert_batch_norm(module, sites, restored, replacements)
+            _revert_batch_norm(module, sites, replacements)
         elif isinstance(module, Dropout):
             replacements[id(module)] = nn.Dropout(module.p, module.inplace).train(module.training)
     return swap_modules(model, replacements)
@@ -62,16 +69,13 @@ def revert_model(model, *, inplace=False):
 
 def _restore_original_classes(model):
     """Give back their own class to the modules whose forward convert_model rewrote."""
-    restored = set()
     for module in model.modules():
         original = type(module).__dict__.get("_fused_bn_original_class")
         if original is not None:
             module.__class__ = original
-            restored.add(id(module))
-    return restored
 
 
-def _revert_batch_norm(module, sites, restored, replacements):
+def _revert_batch_norm(module, sites, replacements):
     activation = module.activation
     calls = sites.calls[id(module)]
     with_residual = any(len(node.args) > 1 or node.kwargs for _, node in calls)
@@ -80,27 +84,59 @@ def _revert_batch_norm(module, sites, restored, replacements):
     elif with_residual or not sites.known(module):
         replacements[id(module)] = _plain_batch_norm(module)
     else:
-        replacements[id(module)] = _give_activation_back(module, sites, restored, replacements)
+        replacements[id(module)] = _give_activation_back(module, sites, replacements)
 
 
-def _give_activation_back(module, sites, restored, replacements):
+def _give_activation_back(module, sites, replacements):
     """``nn.BatchNormXd`` where the activation can go back to where convert_model took it
     from; else a BatchNormAct."""
     site = sites.single_call(module)
-    if site is None:
+    where = None if site is None else _where_the_activation_was(sites, *site, module.activation)
+    if where is None:
         return _plain_batch_norm(module)
-    container, node = site
-    user = only_user(node)
-    identity = called_module(container, user, {nn.Identity})
-    if (
-        identity is not None and user.args == (node,) and sites.single_call(identity)
-        and not has_hooks(identity)
-    ):
-        replacements[id(identity)] = module.activation.module().train(identity.training)
-        return torch_batch_norm(module)
-    if id(container) in restored:
-        return torch_batch_norm(module)  # the container's own forward applies the activation
-    return _plain_batch_norm(module)
+    if where is not _APPLIED:
+        replacements[id(where)] = module.activation.module().train(where.training)
+    return torch_batch_norm(module)
+
+
+# The model's code after the BatchNorm still applies the activation (a restored forward).
+_APPLIED = object()
+
+
+def _where_the_activation_was(sites, container, node, activation):
+    """Following the BatchNorm's output as convert_model did (single users, one residual
+    add, out of containers whose output it is, along Identities): ``_APPLIED`` when it
+    reaches the activation itself, else the ``nn.Identity`` convert_model left in its place
+    (the last of a row: timm's drop_block comes before the activation), or None."""
+    found, added = None, False
+    while True:
+        user = only_user(node)
+        if user is None:
+            return found
+        if user.op == "output":
+            site = sites.single_call(container)
+            if site is None:
+                return found
+            container, node = site
+            continue
+        if _computes(container, user, activation):
+            return found or _APPLIED
+        if not added and found is None and user.op == "call_function" and user.target in _ADDS:
+            added, node = True, user
+            continue
+        identity = called_module(container, user, {nn.Identity})
+        if (
+            identity is None or user.args != (node,) or user.kwargs
+            or not sites.single_call(identity) or has_hooks(identity)
+        ):
+            return found
+        found, node = identity, user
+
+
+def _computes(container, node, activation):
+    if node.op == "call_module":
+        return module_activation(container.get_submodule(node.target)) == activation
+    return call_activation(node.op, node.target, node.args, node.kwargs) == activation
 
 
 def torch_batch_norm(module):

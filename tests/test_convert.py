@@ -540,7 +540,8 @@ def test_leaves_other_batch_norms_alone():
         pass
 
     original = nn.Sequential(nn.SyncBatchNorm(4), nn.ReLU(), MyBatchNorm(4), nn.ReLU())
-    model, report = converted(original)
+    with pytest.warns(UserWarning, match="none of the model's 2 BatchNorm layers could be conv"):
+        model, report = converted(original)
     assert report.replaced == [] and report.fused == []
     assert type(model[0]) is nn.SyncBatchNorm and type(model[2]) is MyBatchNorm
 
@@ -688,3 +689,149 @@ def test_converted_dropout_train_statistics(p):
     torch.testing.assert_close(output[kept], x[kept] / (1 - p), rtol=1e-15, atol=0)
     output.backward(torch.ones_like(output))
     torch.testing.assert_close(x.grad, kept.double() / (1 - p), rtol=1e-15, atol=0)
+
+
+# ---- patterns of torchvision and timm models, in plain code ------------------------
+
+
+class DenseNetTail(nn.Module):
+    """torchvision's DenseNet: the features end in norm5; F.relu is one level up."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1, bias=False),
+                                      nn.BatchNorm2d(6))
+        self.classifier = nn.Linear(6, 2)
+
+    def forward(self, x):
+        out = F.relu(self.features(x), inplace=True)
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+class DropBlockBlock(nn.Module):
+    """timm's ResNet block: bn2 -> drop_block (nn.Identity when off) -> act2, then the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = conv3x3(6, 6)
+        self.bn1 = nn.BatchNorm2d(6)
+        self.drop_block = nn.Identity()
+        self.act1 = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(6, 6)
+        self.bn2 = nn.BatchNorm2d(6)
+        self.act2 = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        shortcut = x
+        x = self.act1(self.drop_block(self.bn1(self.conv1(x))))
+        x = self.bn2(self.conv2(x))
+        x += shortcut
+        return self.act2(x)
+
+
+class ActivationFlavours(nn.Module):
+    """Functional activations other than ReLU (MobileNet, EfficientNet, CSPDarknet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.bn3, self.bn4, self.bn5, self.bn6 = (
+            nn.BatchNorm2d(6) for _ in range(6))
+
+    def forward(self, x):
+        x = F.relu6(self.bn1(x))
+        x = F.silu(self.bn2(x), inplace=True)
+        x = F.hardswish(self.bn3(x))
+        x = F.leaky_relu(self.bn4(x), 0.2)
+        x = F.elu(self.bn5(x))
+        return F.hardtanh(self.bn6(x), -1.0, 2.0)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.norm_act.BatchNormAct2d, reduced: act(drop(batch_norm(x))), and its
+    forward counts num_batches_tracked as timm's does."""
+
+    def __init__(self, num_features, momentum=0.1, act_layer=nn.LeakyReLU):
+        super().__init__(num_features, momentum=momentum)
+        self.drop = nn.Identity()
+        self.act = act_layer(inplace=True)
+
+    def forward(self, x):
+        self.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, momentum, self.eps)
+        return self.act(self.drop(x))
+
+
+# convert_model recognises timm's class by module and name, without importing timm.
+BatchNormAct2d.__module__ = "timm.layers.norm_act"
+
+
+def test_functional_relu_one_level_up_is_fused():
+    torch.manual_seed(0)
+    original = randomize_statistics(DenseNetTail()).double()
+    model, report = converted(original)
+    assert report.activations_fused == 1 and report.fused[0].batch_norm == "features.1"
+    assert type(model.features[1]) is fused_bn.BatchNormReLU2d
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64)
+    assert relu_calls(original, x) == 1 and relu_calls(model, x) == 0
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_identity_between_and_inplace_residual_add_are_fused():
+    torch.manual_seed(0)
+    original = randomize_statistics(DropBlockBlock()).double()
+    model, report = converted(original)
+    assert fused_pairs(report) == {("bn1", "act1"), ("bn2", "act2")}
+    assert report.residuals_fused == 1
+    assert type(model.bn1) is type(model.bn2) is fused_bn.BatchNormReLU2d
+    assert type(model.drop_block) is nn.Identity and isinstance(model, DropBlockBlock)
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_functional_activations_other_than_relu_are_fused():
+    torch.manual_seed(0)
+    original = randomize_statistics(ActivationFlavours()).double()
+    model, report = converted(original)
+    activations = {f.batch_norm: f.activation for f in report.fused}
+    assert list(activations) == [f"bn{i}" for i in range(1, 7)]
+    assert all(type(getattr(model, f"bn{i}")) is fused_bn.BatchNormAct2d for i in range(1, 7))
+    assert "0.2" in activations["bn4"] and "2.0" in activations["bn6"]
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(original, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(original, model, inputs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_timm_batch_norm_act_is_converted_without_running_it():
+    torch.manual_seed(0)
+    original = randomize_statistics(
+        nn.Sequential(conv3x3(6, 6), BatchNormAct2d(6, momentum=None))).double()
+    reference = copy.deepcopy(original)
+    keys = list(original.state_dict())
+    model, report = converted(original, inplace=True)  # the user's own model
+    assert model is original and int(model[1].num_batches_tracked) == 0
+    assert type(model[1]) is fused_bn.BatchNormAct2d and list(model.state_dict()) == keys
+    assert report.fused[0].batch_norm == "1" and "leaky_relu" in report.fused[0].activation
+    inputs = torch.randn(3, 4, 6, 5, 5, dtype=torch.float64)
+    assert_trains_like(reference, model, inputs, rtol=1e-9, atol=1e-10)
+    assert_evaluates_like(reference, model, inputs[0], rtol=1e-9, atol=1e-10)
+
+
+def test_timm_batch_norm_act_with_active_drop_is_left_alone():
+    layer = BatchNormAct2d(6)
+    layer.drop = nn.Dropout2d(0.1)
+    with pytest.warns(UserWarning, match="none of the model's 1 BatchNorm layers could be conv"):
+        model, report = converted(nn.Sequential(layer))
+    assert type(model[0]) is BatchNormAct2d and report.batch_norms[0].note
+
+
+def test_report_says_why_an_activation_was_not_fused():
+    original = nn.Sequential(nn.BatchNorm2d(6), nn.GELU(), nn.BatchNorm2d(6), nn.ReLU())
+    _, report = converted(original)
+    assert [b.fusion is not None for b in report.batch_norms] == [False, True]
+    assert "GELU" in report.batch_norms[0].note
+    assert "GELU" in str(report)

@@ -130,3 +130,13 @@ def test_float32_eval_matches(converted):
         # Rounding differences of float32 grow over 50 layers: relative to the output's scale.
         scale = expected.abs().max().item()
         torch.testing.assert_close(fused(x), expected, rtol=1e-3, atol=1e-4 * scale)
+
+
+def test_revert_model_gives_the_same_outputs(converted):
+    _, original, _, model, _ = converted
+    reverted = fused_bn.revert_model(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = copy.deepcopy(original).eval()(x)
+        torch.testing.assert_close(reverted.eval()(x), expected, rtol=1e-9, atol=1e-9)
+    assert list(reverted.state_dict()) == list(original.state_dict())
