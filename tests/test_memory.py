@@ -349,3 +349,20 @@ def test_distributed_data_parallel(tmp_path):
     finally:
         dist.destroy_process_group()
     assert_same_results(plain, recomputed, x_plain, x_recomputed, out_plain, out_recomputed)
+
+
+def test_benchmark_recompute_variant_keeps_fewer_bytes():
+    from benchmarks.models import MODELS, VARIANTS, saved_for_backward_bytes
+
+    spec = MODELS["cnn"]
+    torch.manual_seed(0)
+    base = spec.build().train()
+    x = torch.randn(spec.input_shape(8, 8))
+    target = torch.randint(spec.classes, (8,))
+    saved = {}
+    for name in ("fused", "recompute"):
+        model, _ = VARIANTS[name].prepare(copy.deepcopy(base))
+        saved[name] = saved_for_backward_bytes(model, x, target)
+    # The first two BN+ReLU outputs, [8, 16|32, 8, 8] float32, kept by the next
+    # convolution and by max pooling; adaptive average pooling keeps nothing.
+    assert saved["fused"] - saved["recompute"] == 4 * 8 * (16 * 64 + 32 * 64)
