@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from ._convert_trace import Site, has_hooks
+from ._convert_trace import Site
+from ._swap import has_hooks
 from .activations import Activation, call_activation, module_activation
 
 __all__ = ["Chain", "describe", "describe_value", "qualified", "resolve_shared_adds", "walk"]

@@ -17,41 +17,7 @@ from torch.fx.node import map_arg
 
 from ._convert_trace import original_class, trace
 
-__all__ = ["Rewrite", "apply_steps", "drop_node", "fuse_residual", "inline", "install",
-           "swap_modules", "take_over"]
-
-_STATE_HOOK_DICTS = (
-    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-    "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
-    "_backward_pre_hooks", "_state_dict_hooks", "_state_dict_pre_hooks",
-    "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
-
-
-# ---- module swaps -------------------------------------------------------------------
-
-
-def take_over(new, old):
-    """Give ``new`` the state of ``old``: the same Parameter and buffer objects, mode, hooks."""
-    new._parameters = old._parameters
-    new._buffers = old._buffers
-    new._non_persistent_buffers_set = old._non_persistent_buffers_set
-    for hooks in _STATE_HOOK_DICTS:
-        if hasattr(old, hooks):
-            setattr(new, hooks, getattr(old, hooks))
-    new.train(old.training)
-    return new
-
-
-def swap_modules(model, replacements):
-    """Put ``replacements[id(old)]`` wherever ``old`` is registered; returns the new root."""
-    for parent in list(model.modules()):
-        # _modules, not named_children(): that skips a child registered twice in one parent.
-        for name, child in list(parent._modules.items()):
-            if id(child) in replacements:
-                setattr(parent, name, replacements[id(child)])
-    return replacements.get(id(model), model)
-
+__all__ = ["Rewrite", "apply_steps", "drop_node", "fuse_residual", "inline", "install"]
 
 # ---- graph edits ----------------------------------------------------------------------
 

@@ -17,24 +17,7 @@ import torch
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ModelIndex", "Site", "Traced", "has_hooks", "original_class", "trace"]
-
-_HOOK_DICTS = (
-    "_forward_hooks",
-    "_forward_pre_hooks",
-    "_backward_hooks",
-    "_backward_pre_hooks",
-)
-_GLOBAL_HOOK_DICTS = tuple(f"_global{name}" for name in _HOOK_DICTS)
-
-
-def has_hooks(module):
-    """Whether calling ``module`` runs hooks (its own or global module hooks)."""
-    owner = nn.modules.module
-    return any(getattr(module, hooks, None) for hooks in _HOOK_DICTS) or any(
-        getattr(owner, hooks, None) for hooks in _GLOBAL_HOOK_DICTS
-    )
-
+__all__ = ["ModelIndex", "Site", "Traced", "original_class", "trace"]
 
 def original_class(module):
     """The class ``module`` had before convert_model rewrote its forward."""

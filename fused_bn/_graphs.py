@@ -78,34 +78,3 @@ def called_module(container, node, types):
         return None
     module = container.get_submodule(node.target)
     return module if type(module) in types else None
-
-
-def has_hooks(module):
-    return any(
-        getattr(module, hooks, None)
-        for hooks in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                      "_backward_pre_hooks")
-    )
-
-
-def swap_modules(model, replacements):
-    """Put ``replacements[id(old)]`` wherever ``old`` is registered; returns the new root."""
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if id(child) in replacements:
-                setattr(parent, name, replacements[id(child)])
-    return replacements.get(id(model), model)
-
-
-def take_over(new, old):
-    """Give ``new`` the Parameter and buffer objects (so optimizers and sharing still hold),
-    hooks and mode of ``old``."""
-    new._parameters = old._parameters
-    new._buffers = old._buffers
-    new._non_persistent_buffers_set = old._non_persistent_buffers_set
-    for name, value in vars(old).items():
-        if name.startswith("_") and "hooks" in name:
-            setattr(new, name, value)
-    return new.train(old.training)
-
-

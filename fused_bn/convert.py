@@ -46,10 +46,9 @@ from ._convert_rewrite import (
     fuse_residual,
     inline,
     install,
-    swap_modules,
-    take_over,
 )
-from ._convert_trace import ModelIndex, Site, has_hooks, trace
+from ._convert_trace import ModelIndex, Site, trace
+from ._swap import has_hooks, swap_modules, take_over
 from .activations import Activation, module_activation
 from .dropout import Dropout as FusedDropout
 

@@ -18,7 +18,8 @@ from torch.ao.quantization.fuser_method_mappings import get_fuser_method
 from torch.nn.utils import fuse_conv_bn_weights
 
 from . import modules as fused
-from ._graphs import CallSites, called_module, has_hooks, swap_modules
+from ._graphs import CallSites, called_module
+from ._swap import has_hooks, swap_modules
 from .plain import ResidualAct
 from .revert import torch_batch_norm
 

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from . import modules as fused
-from ._graphs import CallSites, called_module, has_hooks, only_user, swap_modules, take_over
+from ._graphs import CallSites, called_module, only_user
+from ._swap import has_hooks, swap_modules, take_over
 from .activations import call_activation, module_activation
 from .dropout import Dropout
 from .plain import BatchNormAct
