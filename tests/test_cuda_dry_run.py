@@ -12,7 +12,10 @@ ROOT = Path(__file__).parent.parent
 
 
 def run_on_cpu(*args):
-    env = dict(os.environ, FUSED_BN_TEST_DEVICE="cpu")
+    # PYTHONPATH: a script's own folder, not the working directory, starts sys.path, and
+    # fused_bn may be this checkout's build rather than an installed package.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, FUSED_BN_TEST_DEVICE="cpu", PYTHONPATH=path)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 
