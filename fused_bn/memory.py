@@ -21,11 +21,12 @@ inplace operation" error, as they would without hooks. See docs/memory.md.
 """
 
 import contextlib
+import functools
 import itertools
 import threading
+import weakref
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ._ops import ops
 
@@ -45,7 +46,7 @@ def _version_tracker(tensor):
     tracker = tensor.detach()
     # Below the ADInplaceOrView key, set_ does not bump the shared counter.
     with torch._C._AutoDispatchBelowADInplaceOrView():
-        tracker.set_(torch.empty(0, dtype=tensor.dtype, device=tensor.device))
+        tracker.set_()
     return tracker
 
 
@@ -67,8 +68,9 @@ class _Kept:
 
     def __init__(self, tensor):
         # detach(): the same storage and version counter without the autograd history,
-        # which would make a reference cycle through the node that saved it.
-        self.alias = tensor.detach()
+        # which would make a reference cycle through the node that saved it (a leaf has
+        # no history to cut).
+        self.alias = tensor if tensor.is_leaf else tensor.detach()
         self.version = tensor._version
 
     def unpack(self):
@@ -168,7 +170,8 @@ class _RecomputedHandle:
 class _FusedOutput:
     """A registered output of the fused op and the tensors that rebuild it."""
 
-    def __init__(self, output, sources, activation):
+    def __init__(self, output, sources, activation, on_death):
+        self.output = weakref.ref(output, on_death)
         self.tracker = _version_tracker(output)
         self.version = output._version
         self.stride = output.stride()
@@ -193,19 +196,37 @@ class _FusedOutput:
         return self.recipe
 
 
+class _Registry(dict):
+    """id(output) -> _FusedOutput; a dict that weak references can point to, so that an
+    entry's death callback does not keep the registry alive."""
+
+    __slots__ = ("__weakref__",)
+
+
+def _unregister(registry_ref, key, output_ref):
+    registry = registry_ref()
+    fused = None if registry is None else registry.get(key)
+    if fused is not None and fused.output is output_ref:
+        del registry[key]
+
+
 class _Session:
     """The state of one ``recompute()`` block: its registered outputs and the enclosing
     hooks it chains to."""
 
     def __init__(self, outer_hooks):
         self.outer_pack, self.outer_unpack = outer_hooks or (None, None)
-        self.fused_outputs = WeakIdKeyDictionary()
+        # id(output) -> _FusedOutput while the output lives: every saved tensor is looked
+        # up here, and a dict of ids is the cheapest lookup (identity checked on a hit).
+        self.fused_outputs = _Registry()
 
     def register(self, output, sources, activation):
-        # Without a node, nothing keeps the input: a recipe would keep it instead of the
-        # output, which saves nothing.
-        if output.grad_fn is not None:
-            self.fused_outputs[output] = _FusedOutput(output, sources, activation)
+        # Without a node (no grad), nothing keeps the input: a recipe would keep it instead
+        # of the output, which saves nothing.
+        if output.requires_grad:
+            key = id(output)
+            on_death = functools.partial(_unregister, weakref.ref(self.fused_outputs), key)
+            self.fused_outputs[key] = _FusedOutput(output, sources, activation, on_death)
 
     def pack(self, tensor):
         fused, is_output = self._fused_output_of(tensor)
@@ -216,13 +237,17 @@ class _Session:
         return self._keep(tensor)
 
     def _fused_output_of(self, tensor):
-        fused = self.fused_outputs.get(tensor)
+        fused = self._registered(tensor)
         if fused is not None:
             return fused, True
         base = tensor._base
         if base is not None and tensor.dtype == base.dtype:
-            return self.fused_outputs.get(base), False
+            return self._registered(base), False
         return None, False
+
+    def _registered(self, tensor):
+        fused = self.fused_outputs.get(id(tensor))
+        return fused if fused is not None and fused.output() is tensor else None
 
     def _keep(self, tensor):
         if self.outer_pack is None:

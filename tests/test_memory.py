@@ -6,6 +6,7 @@ saved bytes are accounted exactly on hand-built models.
 
 import contextlib
 import copy
+import gc
 import weakref
 
 import pytest
@@ -140,6 +141,22 @@ def test_recomputed_outputs_are_freed_after_forward():
             loss = model(x).sum()
         assert sum(ref() is not None for ref in outputs) == alive
         loss.backward()
+
+
+def test_registry_lets_go_of_dead_outputs_and_their_inputs_without_gc():
+    bn = fused_bn.BatchNormReLU2d(4)
+    gc.disable()
+    try:
+        with memory.recompute():
+            session = memory.active_session()
+            h = torch.randn(2, 4, 3, 3, requires_grad=True) * 2  # the fused op's input
+            output = bn(h)
+            assert list(session.fused_outputs.values())[0].output() is output
+            input_alive = weakref.ref(h)
+            del h, output  # nothing saved them: both go now, without a gc pass
+            assert not session.fused_outputs and input_alive() is None
+    finally:
+        gc.enable()
 
 
 def test_recomputed_once_per_backward_and_dropped(monkeypatch):
