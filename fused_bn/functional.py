@@ -30,15 +30,24 @@ def _has_tangent(tensors):
     return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
+# Bound once: _route runs on every call, and each attribute lookup is host time.
+_functorch_stack_top = torch._C._functorch.peek_interpreter_stack
+_has_torch_function = torch._C._has_torch_function
+
+
 def _under_transform(tensors):
     """Whether torch.func transforms (grad, vjp, jvp, vmap, ...) are active or a tensor
     carries a forward-mode tangent: the fused op's autograd (C++) supports neither."""
     if torch.compiler.is_compiling():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None:
-        return True
+    return _transform_active(tensors)
+
+
+def _transform_active(tensors):
     # Outside forward_ad.dual_level() there are no tangents.
-    return forward_ad._current_level >= 0 and _has_tangent(tensors)
+    return _functorch_stack_top() is not None or (
+        forward_ad._current_level >= 0 and _has_tangent(tensors)
+    )
 
 
 # How a call runs (_route).
@@ -51,7 +60,7 @@ def _direct_call_allowed(tensors):
     overrides __torch_function__ sees torch.ops calls only. (torch's own check: exact
     tensors and Parameters do not; dispatch modes and subclasses, such as fake tensors,
     see the direct call as well.)"""
-    return not torch._C._has_torch_function(tensors)
+    return not _has_torch_function(tensors)
 
 
 def _cuda_kernels_unverified(input, activation, residual):
@@ -69,9 +78,9 @@ def _route(input, activation, residual, tensors):
         return _COMPOSITE
     if torch.compiler.is_compiling():
         return _OP
-    if _under_transform(tensors):
+    if _transform_active(tensors):
         return _COMPOSITE
-    return _DIRECT if _direct_call_allowed(tensors) else _OP
+    return _OP if _has_torch_function(tensors) else _DIRECT
 
 
 def _composite_batch_norm(
