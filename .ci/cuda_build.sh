@@ -84,7 +84,7 @@ phase "build"
 STAGE="$OUT/stage"
 rm -rf "$STAGE"
 mkdir -p "$STAGE"
-cp -r fused_bn tests benchmarks pyproject.toml "$STAGE"/
+cp -r fused_bn tests benchmarks pyproject.toml README.md "$STAGE"/
 rm -f "$STAGE"/fused_bn/_C*.so
 cp "$OUT"/lib/fused_bn/_C*.so "$STAGE"/fused_bn/
 cd "$STAGE"
