@@ -80,7 +80,7 @@ def _route(input, activation, residual, tensors):
         return _OP
     if _transform_active(tensors):
         return _COMPOSITE
-    return _OP if _has_torch_function(tensors) else _DIRECT
+    return _DIRECT if _direct_call_allowed(tensors) else _OP
 
 
 def _composite_batch_norm(
