@@ -44,7 +44,7 @@ TensorTriple batch_norm_act_below_autograd(
 // PyTorch's error for a running statistic that requires grad where autograd
 // records the call (native_batch_norm's, naming this op).
 void check_running_stat_not_differentiable(const optional<Tensor>& stat, const char* name) {
-  TORCH_CHECK(!(stat.has_value() && stat->defined() && stat->requires_grad()),
+  TORCH_CHECK(!requires_grad(stat),
               "The function 'fused_bn::batch_norm_act' is not differentiable with respect to "
               "argument '", name, "'. This input cannot have requires_grad True.");
 }
@@ -94,13 +94,12 @@ struct BatchNormActBackward : public torch::autograd::Node {
 // Forward-mode AD has no formula here: fused_bn's Python layer computes with
 // PyTorch's ops when a tangent is present; a direct call raises before
 // anything (a running statistic) has changed.
-void check_no_tangent(std::initializer_list<c10::optional<Tensor>> tensors) {
-  for (const c10::optional<Tensor>& t : tensors) {
-    TORCH_CHECK(!(t.has_value() && t->defined() && t->_fw_grad(/*level=*/0).defined()),
-                "fused_bn::batch_norm_act: forward-mode AD (jvp) is not implemented for the "
-                "fused op; fused_bn.functional and the modules compute with PyTorch's ops when "
-                "a tangent is present");
-  }
+template <typename... Tensors>
+void check_no_tangent(const Tensors&... tensors) {
+  TORCH_CHECK(!(has_tangent(tensors) || ...),
+              "fused_bn::batch_norm_act: forward-mode AD (jvp) is not implemented for the "
+              "fused op; fused_bn.functional and the modules compute with PyTorch's ops when "
+              "a tangent is present");
 }
 
 TensorTriple batch_norm_act_recorded(
@@ -109,7 +108,7 @@ TensorTriple batch_norm_act_recorded(
     const optional<Tensor>& num_batches_tracked, bool training, optional<double> momentum,
     double eps, c10::string_view activation, c10::ArrayRef<double> activation_params,
     const optional<Tensor>& residual) {
-  check_no_tangent({input, weight, bias, residual});
+  check_no_tangent(input, weight, bias, residual);
   using torch::autograd::SavedVariable;
   const auto node = c10::make_intrusive<BatchNormActBackward>();
   node->set_next_edges(torch::autograd::collect_next_edges(input, residual, weight, bias));
@@ -135,9 +134,6 @@ TensorTriple batch_norm_act_autograd(
     const optional<Tensor>& num_batches_tracked, bool training, optional<double> momentum,
     double eps, c10::string_view activation, c10::ArrayRef<double> activation_params,
     const optional<Tensor>& residual) {
-  const auto requires_grad = [](const optional<Tensor>& t) {
-    return t.has_value() && t->defined() && t->requires_grad();
-  };
   if (c10::GradMode::is_enabled() && (requires_grad(running_mean) || requires_grad(running_var))) {
     // PyTorch checks these first (and returns an empty batch as it is), the
     // dtypes only after.
@@ -150,7 +146,7 @@ TensorTriple batch_norm_act_autograd(
     }
   }
   // Nothing to record (inference, or no tensor requires grad): no node.
-  if (!autograd_records({input, weight, bias, residual})) {
+  if (!autograd_records(input, weight, bias, residual)) {
     return batch_norm_act_below_autograd(input, weight, bias, running_mean, running_var,
                                          num_batches_tracked, training, momentum, eps, activation,
                                          activation_params, residual);

@@ -212,8 +212,12 @@ at::MemoryFormat output_memory_format(const at::Tensor& input) {
 at::Tensor channel_param_or(const c10::optional<at::Tensor>& param, const at::Tensor& input,
                             double fill) {
   const auto options = input.options().dtype(accumulate_type(input));
-  if (defined(param)) return param->reshape({input.size(1)}).to(options).contiguous();
-  return at::full({input.size(1)}, fill, options);
+  if (!defined(param)) return at::full({input.size(1)}, fill, options);
+  // The usual case, a module's own parameter, as it is: each of reshape and
+  // to() costs a dispatch, on every call.
+  if (param->dim() == 1 && param->scalar_type() == options.dtype() && param->is_contiguous())
+    return *param;
+  return param->reshape({input.size(1)}).to(options).contiguous();
 }
 
 }  // namespace fused_bn

@@ -243,7 +243,7 @@ TensorQuad batch_norm_act_backward_autograd(
     c10::string_view activation, c10::ArrayRef<double> activation_params,
     const optional<Tensor>& residual, std::array<bool, 4> output_mask) {
   // The usual backward (no create_graph) records nothing: skip building a node.
-  if (!autograd_records({grad_output, input, weight, bias, residual, mean, invstd})) {
+  if (!autograd_records(grad_output, input, weight, bias, residual, mean, invstd)) {
     return batch_norm_act_backward_below_autograd(grad_output, input, weight, bias, mean, invstd,
                                                   training, activation, activation_params,
                                                   residual, output_mask);

@@ -3,7 +3,7 @@
 // layout canonicalization, allocation, the empty-batch rules and the running
 // statistics' update live here once; a backend supplies the loops as
 // `Kernels` (static functions with the signatures of cpu/batch_norm_kernel.h,
-// plus its update_running_stats and eval_stats) and registers
+// plus its update_running_stats, eval_stats and multiply_channels_) and registers
 // BatchNormOps<Kernels>::register_kernels in its TORCH_LIBRARY_IMPL block.
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
@@ -190,8 +190,8 @@ struct BatchNormOps {
                                               grad_residual, sum_dy, sum_dy_xmu);
     }
     // In place: sum_dy_xmu is this call's own (one allocation less per backward).
-    const Tensor grad_weight =
-        output_mask[1] ? param_grad(sum_dy_xmu.mul_(invstd_c), weight) : Tensor();
+    if (output_mask[1]) Kernels::multiply_channels_(sum_dy_xmu, invstd_c);
+    const Tensor grad_weight = output_mask[1] ? param_grad(sum_dy_xmu, weight) : Tensor();
     const Tensor grad_bias = output_mask[2] ? param_grad(sum_dy, bias) : Tensor();
     return {defined_or_empty(grad_input, input), defined_or_empty(grad_weight, mean),
             defined_or_empty(grad_bias, mean), defined_or_empty(grad_residual, input)};

@@ -97,7 +97,7 @@ class DropoutApplyMaskFunction : public torch::autograd::Function<DropoutApplyMa
 
 std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p,
                                             const Tensor& seed_offset, bool save_mask) {
-  if (!autograd_records({input})) {
+  if (!autograd_records(input)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_dropout(input, p, seed_offset, save_mask);
   }
@@ -106,7 +106,7 @@ std::tuple<Tensor, Tensor> dropout_autograd(const Tensor& input, double p,
 }
 
 Tensor dropout_apply_mask_autograd(const Tensor& input, const Tensor& mask, double p) {
-  if (!autograd_records({input})) {
+  if (!autograd_records(input)) {
     const at::AutoDispatchBelowADInplaceOrView below_autograd;
     return dropout_apply_mask_op(input, mask, p);
   }

@@ -316,15 +316,19 @@ def test_reduced_precision_outputs_are_rounded_float32_results(shape, layout, dt
     ],
 )
 @pytest.mark.parametrize("activation", ["identity", "relu"])
-def test_thread_count_does_not_change_results(shape, layout, activation):
+@pytest.mark.parametrize("training", [True, False])
+def test_thread_count_does_not_change_results(shape, layout, activation, training):
     # Work is cut by shape only and partial results merged in a fixed order,
-    # so results are bitwise equal for any thread count.
+    # so results are bitwise equal for any thread count (eval's backward: one
+    # pass that sums while it writes grad_input).
     threads = torch.get_num_threads()
     try:
         results = []
         for count in (1, 2, 3):
             torch.set_num_threads(count)
-            results.append(check_against_references(shape, torch.float32, layout, activation, True))
+            results.append(
+                check_against_references(shape, torch.float32, layout, activation, training)
+            )
     finally:
         torch.set_num_threads(threads)
     for result in results[1:]:

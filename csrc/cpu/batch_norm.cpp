@@ -21,6 +21,7 @@ struct CpuKernels {
   static constexpr auto batch_norm_act_backward_kernel = &cpu::batch_norm_act_backward_kernel;
   static constexpr auto update_running_stats = &update_running_stats_cpu;
   static constexpr auto eval_stats = &eval_stats_cpu;
+  static constexpr auto multiply_channels_ = &cpu::multiply_channels_;
 };
 
 }  // namespace

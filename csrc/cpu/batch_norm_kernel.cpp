@@ -310,18 +310,21 @@ class VecSums {
     if (i < n) accumulate(acc_[1], terms(i, n - i));
   }
 
-  std::array<value_t, kTerms> total() const {
+// GCC 12's AVX-512 shuffle intrinsics read an undefined vector they do not
+// use; not inlined, so that this is where the (false) warning would arise.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+  C10_NOINLINE std::array<value_t, kTerms> total() const {
     std::array<value_t, kTerms> out;
     for (int k = 0; k < kTerms; ++k) {
       const Vec v = (acc_[0][k] + acc_[1][k]) + (acc_[2][k] + acc_[3][k]);
-      __at_align__ value_t lanes[Vec::size()];
-      v.store(lanes);
-      value_t sum = 0;
-      for (int64_t l = 0; l < Vec::size(); ++l) sum += lanes[l];
-      out[k] = sum;
+      // In registers (shuffles on AVX2/AVX512 float), not lane after lane
+      // through memory: a tiny batch pays this per block of every channel.
+      out[k] = at::vec::vec_reduce_all<value_t>([](const Vec& a, const Vec& b) { return a + b; }, v);
     }
     return out;
   }
+#pragma GCC diagnostic pop
 
  private:
   static constexpr int kUnroll = 4;
@@ -468,6 +471,26 @@ void pipeline_slabs(const ChannelView& v, const ChannelBlocks& blocks, int64_t c
   fence_streaming_stores();
 }
 
+// part[c * blocks.count + b] = reduce(c, span of block b) for every block of
+// every channel, over the threads (reduce may also write, streaming).
+template <typename Partial, typename Reduce>
+std::vector<Partial> reduce_blocks(const ChannelView& v, const ChannelBlocks& blocks,
+                                   const Reduce& reduce) {
+  const int64_t tasks = v.channels * blocks.count;
+  std::vector<Partial> part(tasks);
+  // Enough blocks per task to be worth a thread (small inputs run inline).
+  const int64_t block_elements = std::max<int64_t>(1, v.count() * v.channels / tasks);
+  const int64_t blocks_grain = std::max<int64_t>(1, kParallelGrainElements / block_elements);
+  at::parallel_for(0, tasks, blocks_grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t / blocks.count, b = t % blocks.count;
+      part[t] = reduce(c, blocks.at(b, v));
+    }
+    fence_streaming_stores();
+  });
+  return part;
+}
+
 template <typename Partial, typename Reduce, typename Finish, typename Apply>
 void reduce_then_apply_per_channel(const ChannelView& v, const ChannelBlocks& blocks,
                                    SlabSchedule schedule, const Reduce& reduce,
@@ -499,17 +522,7 @@ void reduce_then_apply_per_channel(const ChannelView& v, const ChannelBlocks& bl
     case SlabSchedule::kMemoryOrder:
       break;
   }
-  const int64_t tasks = v.channels * blocks.count;
-  std::vector<Partial> part(tasks);
-  // Enough blocks per task to be worth a thread (small inputs run inline).
-  const int64_t block_elements = std::max<int64_t>(1, v.count() * v.channels / tasks);
-  const int64_t blocks_grain = std::max<int64_t>(1, kParallelGrainElements / block_elements);
-  at::parallel_for(0, tasks, blocks_grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t c = t / blocks.count, b = t % blocks.count;
-      part[t] = reduce(c, blocks.at(b, v));
-    }
-  });
+  const std::vector<Partial> part = reduce_blocks<Partial>(v, blocks, reduce);
   for (int64_t c = 0; c < v.channels; ++c) finish(c, part.data() + c * blocks.count);
   // In memory order: the data are no longer in cache, let the prefetchers stream them.
   const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / v.inner);
@@ -575,20 +588,37 @@ void normalize_span(const scalar_t* x, scalar_t* y, int64_t n,
   });
 }
 
-// Sums of g and g * (x - mean) over n elements, g = dy * act'(y).
+// Where an eval-mode backward writes its gradients while it sums (grad_input
+// = g * a there, independent of the sums): grad_input where dx is given, the
+// residual's gradient g where res.grad is.
+template <typename scalar_t>
+struct EvalGradOut {
+  scalar_t* dx = nullptr;
+  at::opmath_type<scalar_t> a = 0;
+  const OutputStore<scalar_t>* store = nullptr;
+};
+
+// Sums of g and g * (x - mean) over n elements, g = dy * act'(y); with `out`,
+// the eval gradients too.
 template <typename scalar_t, ActivationPath kAct>
 void add_grad_sums(const scalar_t* dy, const scalar_t* x, int64_t n,
                    ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean,
                    const VecActivation<typename VecIO<scalar_t>::Vec>& act,
-                   const Residual<scalar_t>& res, VecSums<typename VecIO<scalar_t>::Vec, 2>& sums) {
+                   const Residual<scalar_t>& res, VecSums<typename VecIO<scalar_t>::Vec, 2>& sums,
+                   const EvalGradOut<scalar_t>* out = nullptr) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   const Vec scale(affine.scale), shift(affine.shift), mean_vec(mean);
+  const Vec a(out ? out->a : 0);
   sums.add(n, [&](int64_t i, int64_t count) {
     const Vec xv = IO::load(x + i, count);
     const scalar_t* r = res.input ? res.input + i : nullptr;
     const Vec g = activation_input_grad<scalar_t, kAct>(act, xv, scale, shift, r,
                                                         IO::load(dy + i, count), count);
+    if (out) {
+      if (res.grad) (*out->store)(res.grad + i, g, count);
+      if (out->dx) (*out->store)(out->dx + i, grad_input_vec<false>(g, xv, a, a, a), count);
+    }
     return std::array<Vec, 2>{g, g * (xv - mean_vec)};
   });
 }
@@ -597,11 +627,14 @@ template <typename scalar_t, ActivationPath kAct>
 std::array<at::opmath_type<scalar_t>, 2> block_grad_sums(
     const scalar_t* dy, const scalar_t* x, const ChannelView& v, int64_t c, const Span& span,
     ChannelAffine<at::opmath_type<scalar_t>> affine, at::opmath_type<scalar_t> mean,
-    const VecActivation<typename VecIO<scalar_t>::Vec>& act, const Residual<scalar_t>& res) {
+    const VecActivation<typename VecIO<scalar_t>::Vec>& act, const Residual<scalar_t>& res,
+    const EvalGradOut<scalar_t>* out = nullptr) {
   VecSums<typename VecIO<scalar_t>::Vec, 2> sums;
   for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+    EvalGradOut<scalar_t> at_offset;
+    if (out) at_offset = {out->dx ? out->dx + offset : nullptr, out->a, out->store};
     add_grad_sums<scalar_t, kAct>(dy + offset, x + offset, length, affine, mean, act,
-                                  res.at(offset), sums);
+                                  res.at(offset), sums, out ? &at_offset : nullptr);
   });
   return sums.total();
 }
@@ -853,19 +886,23 @@ void rows_normalize(const scalar_t* x, scalar_t* y, const ChannelView& v,
   });
 }
 
-// Per-channel sums of g and g * (x - mean) (written to C elements).
+// Per-channel sums of g and g * (x - mean) (written to C elements). With
+// `eval_writes`, in the same pass, eval mode's gradients (independent of the
+// sums): grad_input = g * p.a where dx is given, g where res.grad is.
 template <typename scalar_t, ActivationPath kAct>
 void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
                     const at::opmath_type<scalar_t>* mean,
                     const PaddedChannels<at::opmath_type<scalar_t>>& p,
                     const VecActivation<typename VecIO<scalar_t>::Vec>& act,
                     const Residual<scalar_t>& res, at::opmath_type<scalar_t>* sum_g,
-                    at::opmath_type<scalar_t>* sum_gx) {
+                    at::opmath_type<scalar_t>* sum_gx, bool eval_writes = false,
+                    scalar_t* dx = nullptr) {
   using IO = VecIO<scalar_t>;
   using Vec = typename IO::Vec;
   using acc_t = typename IO::acc_t;
   constexpr int64_t W = Vec::size();
   const RowChunks chunks(v, W);
+  const OutputStore<scalar_t> store(v, res.input ? 3 : 2, InputSource::kMemory);
   const int64_t Cp = chunks.padded_channels;
   std::vector<acc_t> mean_padded(Cp, acc_t(0));
   std::copy_n(mean, v.channels, mean_padded.begin());
@@ -883,12 +920,20 @@ void rows_grad_sums(const scalar_t* dy, const scalar_t* x, const ChannelView& v,
               const Vec g = activation_input_grad<scalar_t, kAct>(
                   act, xv, scale[j], shift[j], res.input ? res.input + row + c : nullptr,
                   IO::load(dy + row + c, count), count);
+              if (eval_writes) {
+                if (res.grad) store(res.grad + row + c, g, count);
+                if (dx) {
+                  const Vec a = Vec::loadu(p.a.data() + c);
+                  store(dx + row + c, grad_input_vec<false>(g, xv, a, a, a), count);
+                }
+              }
               return std::array<Vec, 2>{g, g * (xv - mean_block[j])};
             });
         store_block<Vec>(part_g.data() + k * Cp, c0, Cp, [&](int j) { return sums[j][0]; });
         store_block<Vec>(part_gx.data() + k * Cp, c0, Cp, [&](int j) { return sums[j][1]; });
       }
     }
+    fence_streaming_stores();
   });
   for_each_vec<W>(v.channels, [&](int64_t c, int64_t count) {
     Vec g(0), gx(0);
@@ -1027,43 +1072,59 @@ void backward(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Residua
   const int64_t reads = res.input ? 3 : 2;
   if (v.inner == 1) {
     const int64_t W = VecIO<scalar_t>::kWidth;
+    if (!training) {  // one pass: see the eval branch below
+      const auto coef = padded_grad_input(p, v, false, sum_g, sum_gx, count, W);
+      rows_grad_sums<scalar_t, kAct>(dy, x, v, p.mean, coef, act, res, sum_g, sum_gx, writes, dx);
+      return;
+    }
     const auto padded = padded_affine(affine.data(), v.channels, ceil_div(v.channels, W) * W);
     rows_grad_sums<scalar_t, kAct>(dy, x, v, p.mean, padded, act, res, sum_g, sum_gx);
     if (!writes) return;
     const auto coef = padded_grad_input(p, v, training, sum_g, sum_gx, count, W);
-    dispatch_training(training, [&](auto training_c) {
-      rows_grad_input<scalar_t, kAct, decltype(training_c)::value>(dy, x, dx, v, coef, act, res);
-    });
+    rows_grad_input<scalar_t, kAct, /*kTraining=*/true>(dy, x, dx, v, coef, act, res);
     return;
   }
   const ChannelBlocks blocks(v);
+  if (!training) {
+    // grad_input does not depend on the sums in eval: one pass over dy and x
+    // writes it while summing (the sums as the two-pass schedules give them).
+    const OutputStore<scalar_t> store(v, reads, InputSource::kMemory);
+    const auto part = reduce_blocks<std::array<acc_t, 2>>(v, blocks, [&](int64_t c,
+                                                                         const Span& span) {
+      const EvalGradOut<scalar_t> out{dx, p.grad_input(c, false, 0, 0, count).a, &store};
+      return block_grad_sums<scalar_t, kAct>(dy, x, v, c, span, affine[c], p.mean[c], act, res,
+                                             writes ? &out : nullptr);
+    });
+    for (int64_t c = 0; c < v.channels; ++c) {
+      const auto sums = merge_blocks(part.data() + c * blocks.count, blocks.count);
+      sum_g[c] = sums[0];
+      sum_gx[c] = sums[1];
+    }
+    return;
+  }
   std::vector<ChannelGradInput<acc_t>> coef(v.channels);
   const int64_t slab_bytes = writes ? reads * v.count() * int64_t(sizeof(scalar_t)) : 0;
   const SlabSchedule schedule = slab_schedule(v, blocks, slab_bytes);
   const OutputStore<scalar_t> store(v, reads, input_source(schedule));
-  dispatch_training(training, [&](auto training_c) {
-    constexpr bool kTraining = decltype(training_c)::value;
-    reduce_then_apply_per_channel<std::array<acc_t, 2>>(
-        v, blocks, schedule,
-        [&](int64_t c, const Span& span) {
-          return block_grad_sums<scalar_t, kAct>(dy, x, v, c, span, affine[c], p.mean[c], act,
-                                                 res);
-        },
-        [&](int64_t c, const std::array<acc_t, 2>* part) {
-          const auto sums = merge_blocks(part, blocks.count);
-          sum_g[c] = sums[0];
-          sum_gx[c] = sums[1];
-          coef[c] = p.grad_input(c, kTraining, sums[0], sums[1], count);
-        },
-        [&](int64_t c, const Span& span, int64_t lookahead) {
-          if (!writes) return;
-          for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
-            grad_input_span<scalar_t, kAct, kTraining>(
-                dy + offset, x + offset, dx ? dx + offset : nullptr, length, affine[c], coef[c],
-                act, res.at(offset), store, lookahead);
-          });
+  reduce_then_apply_per_channel<std::array<acc_t, 2>>(
+      v, blocks, schedule,
+      [&](int64_t c, const Span& span) {
+        return block_grad_sums<scalar_t, kAct>(dy, x, v, c, span, affine[c], p.mean[c], act, res);
+      },
+      [&](int64_t c, const std::array<acc_t, 2>* part) {
+        const auto sums = merge_blocks(part, blocks.count);
+        sum_g[c] = sums[0];
+        sum_gx[c] = sums[1];
+        coef[c] = p.grad_input(c, /*training=*/true, sums[0], sums[1], count);
+      },
+      [&](int64_t c, const Span& span, int64_t lookahead) {
+        if (!writes) return;
+        for_each_run(v, c, span, [&](int64_t offset, int64_t length) {
+          grad_input_span<scalar_t, kAct, /*kTraining=*/true>(
+              dy + offset, x + offset, dx ? dx + offset : nullptr, length, affine[c], coef[c],
+              act, res.at(offset), store, lookahead);
         });
-  });
+      });
 }
 
 // ---- the kernels ------------------------------------------------------------

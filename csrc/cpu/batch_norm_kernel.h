@@ -79,6 +79,10 @@ void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Ten
                                     at::Tensor& grad_input, at::Tensor& grad_residual,
                                     at::Tensor& sum_dy, at::Tensor& sum_dy_xmu);
 
+// values[c] *= factors[c]: two contiguous per-channel tensors of one dtype
+// (a loop: TensorIterator's setup costs more than a small batch's backward).
+void multiply_channels_(at::Tensor& values, const at::Tensor& factors);
+
 // One instruction set's copy of the kernels above.
 struct BatchNormKernels {
   decltype(&batch_norm_stats_kernel) stats;

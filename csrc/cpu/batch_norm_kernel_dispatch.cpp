@@ -3,6 +3,8 @@
 // selected.
 #include "batch_norm_kernel.h"
 
+#include <ATen/Dispatch.h>
+
 #include "../batch_norm_common.h"
 #include "cpu_capability.h"
 
@@ -101,6 +103,17 @@ void batch_norm_act_backward_kernel(const at::Tensor& grad_output, const at::Ten
                                     at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
   kernels().act_backward(grad_output, input, view, mean, invstd, weight, bias, training, act,
                          residual, grad_input, grad_residual, sum_dy, sum_dy_xmu);
+}
+
+void multiply_channels_(at::Tensor& values, const at::Tensor& factors) {
+  TORCH_INTERNAL_ASSERT(values.is_contiguous() && factors.is_contiguous() &&
+                        values.numel() == factors.numel() &&
+                        values.scalar_type() == factors.scalar_type());
+  AT_DISPATCH_FLOATING_TYPES(values.scalar_type(), "multiply_channels_", [&] {
+    scalar_t* out = values.mutable_data_ptr<scalar_t>();
+    const scalar_t* by = factors.const_data_ptr<scalar_t>();
+    for (int64_t c = 0; c < values.numel(); ++c) out[c] *= by[c];
+  });
 }
 
 }  // namespace fused_bn::cpu

@@ -281,6 +281,7 @@ struct CudaKernels {
   static constexpr c10::DeviceType kDeviceType = c10::DeviceType::CUDA;
   static constexpr auto update_running_stats = &update_running_stats_cuda;
   static constexpr auto eval_stats = &eval_stats_general;
+  static void multiply_channels_(Tensor& values, const Tensor& factors) { values.mul_(factors); }
 
   static void batch_norm_stats_kernel(const Tensor& input, const ChannelView& v, Tensor& mean,
                                       Tensor& m2) {
